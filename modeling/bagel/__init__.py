@@ -1,0 +1,1 @@
+"""BAGEL (ByteDance-Seed/Bagel) re-implemented in plain PyTorch."""

@@ -1,0 +1,187 @@
+"""Building blocks shared by the BAGEL LLM and ViT: norms, RoPE, packed attention, KV cache.
+
+Sequences travel *packed*: `x: [N, D]` holds every token of every sequence of a forward
+back to back. A `Plan` says how they split into sequences, which cache row each reads,
+and who may attend to whom; attention pads to `[S, L, H, D]` for SDPA (or stays packed
+for flash-attn varlen when it is importable and the plan's mask is expressible there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+try:  # optional fast path
+    from flash_attn import flash_attn_varlen_func
+except ImportError:  # pragma: no cover - not installed on CPU boxes
+    flash_attn_varlen_func = None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(pos: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    # pos: [N] -> cos, sin: [N, 1, head_dim] (float32)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.int64).float() / head_dim))
+    freqs = pos.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos()[:, None, :], emb.sin()[:, None, :]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x: [N, H, D]; rotate-half convention, computed in float32
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rot = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos + rot * sin).to(x.dtype)
+
+
+class KVCache:
+    """Per layer `k, v: [rows, capacity, Hkv, D]`; `lens[r]` tokens of row r are valid."""
+
+    def __init__(self, n_layers: int, rows: int, capacity: int, n_kv: int, head_dim: int, device, dtype):
+        shape = (rows, capacity, n_kv, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.lens = [0] * rows
+        self.capacity = capacity
+
+
+@dataclass
+class Plan:
+    """How one packed forward splits into sequences and what each may attend to."""
+
+    seq_lens: list[int]  # query tokens per sequence
+    ctx_lens: list[int]  # cached tokens each sequence attends to first
+    rows: Tensor | None  # [S] cache row per sequence (None: no cache)
+    kind: str  # "full" (bidirectional), "causal" or "mixed" (causal + image blocks)
+    pad_index: Tensor  # [N] flat index into [S * Lq]
+    mask: Tensor | None  # [S, 1, Lq|1, Lc + Lq] bool, None when nothing is masked
+    write_rows: Tensor | None  # [N] cache row per token when the forward writes the cache
+    write_slots: Tensor | None  # [N] cache slot per token
+    key_index: Tensor | None = None  # [sum(ctx+q)] flat index into [S * (Lc + Lq)] (flash)
+
+    @property
+    def n_seq(self) -> int:
+        return len(self.seq_lens)
+
+    @property
+    def lq(self) -> int:
+        return max(self.seq_lens)
+
+    @property
+    def lc(self) -> int:
+        return max(self.ctx_lens)
+
+
+def make_plan(
+    seq_lens: list[int],
+    *,
+    ctx_lens: list[int] | None = None,
+    rows: list[int] | None = None,
+    blocks: Tensor | None = None,
+    causal: bool = False,
+    write: bool = False,
+    device=None,
+) -> Plan:
+    """blocks: [N] image-block id per token (-1 = text): a token sees earlier tokens
+    (causal) and every token of its own block; None means all-full or all-causal."""
+    S = len(seq_lens)
+    ctx_lens = list(ctx_lens) if ctx_lens is not None else [0] * S
+    lq, lc = max(seq_lens), max(ctx_lens)
+    kind = "mixed" if blocks is not None else ("causal" if causal else "full")
+    seq_t = torch.tensor(seq_lens, device=device)
+    ctx_t = torch.tensor(ctx_lens, device=device)
+    seq_id = torch.repeat_interleave(torch.arange(S, device=device), seq_t)
+    starts = torch.cumsum(seq_t, 0) - seq_t
+    offset = torch.arange(seq_id.numel(), device=device) - starts[seq_id]
+    pad_index = seq_id * lq + offset
+
+    ar_q = torch.arange(lq, device=device)
+    q_valid = ar_q[None, :] < seq_t[:, None]  # [S, Lq]
+    c_valid = torch.arange(lc, device=device)[None, :] < ctx_t[:, None]  # [S, Lc]
+    if kind == "full":
+        mask = torch.cat([c_valid, q_valid], dim=1)[:, None, None, :]
+        if bool(mask.all()):
+            mask = None
+    else:
+        allowed = ar_q[None, :, None] >= ar_q[None, None, :]  # j <= i
+        allowed = allowed.expand(S, lq, lq)
+        if kind == "mixed":
+            bp = torch.full((S * lq,), -2, device=device, dtype=torch.long)
+            bp[pad_index] = blocks.to(device)
+            bp = bp.view(S, lq)
+            same = (bp[:, :, None] == bp[:, None, :]) & (bp[:, :, None] >= 0)
+            allowed = allowed | same
+        new = allowed & q_valid[:, None, :]
+        old = c_valid[:, None, :].expand(S, lq, lc)
+        mask = torch.cat([old, new], dim=2)
+        mask = mask | ~q_valid[:, :, None]  # padded queries see everything (discarded)
+        mask = mask[:, None]
+
+    write_rows = write_slots = None
+    rows_t = torch.tensor(rows, device=device) if rows is not None else None
+    if write:
+        if rows_t is None or len(set(rows)) != len(rows):
+            raise ValueError(f"a cache-writing forward needs distinct rows, got {rows}")
+        write_rows = rows_t[seq_id]
+        write_slots = ctx_t[seq_id] + offset
+    key_index = None
+    if flash_attn_varlen_func is not None and kind != "mixed":
+        lk = lc + lq
+        parts = [
+            torch.cat([torch.arange(c, device=device), lc + torch.arange(q, device=device)]) + s * lk
+            for s, (c, q) in enumerate(zip(ctx_lens, seq_lens))
+        ]
+        key_index = torch.cat(parts)
+    return Plan(seq_lens, ctx_lens, rows_t, kind, pad_index, mask, write_rows, write_slots, key_index)
+
+
+def _to_padded(x: Tensor, plan: Plan) -> Tensor:
+    # x: [N, H, D] -> [S, Lq, H, D]
+    out = x.new_zeros((plan.n_seq * plan.lq, *x.shape[1:]))
+    out[plan.pad_index] = x
+    return out.view(plan.n_seq, plan.lq, *x.shape[1:])
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, plan: Plan, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+    """q: [N, H, D], k/v: [N, Hkv, D] packed (RoPE applied) -> [N, H * D]."""
+    N, H, D = q.shape
+    kp, vp = _to_padded(k, plan), _to_padded(v, plan)
+    if cache is not None and plan.lc > 0:
+        kc = cache.k[layer][plan.rows, : plan.lc]
+        vc = cache.v[layer][plan.rows, : plan.lc]
+        kk, vv = torch.cat([kc, kp], dim=1), torch.cat([vc, vp], dim=1)
+    else:
+        kk, vv = kp, vp
+    if plan.write_rows is not None:
+        cache.k[layer][plan.write_rows, plan.write_slots] = k
+        cache.v[layer][plan.write_rows, plan.write_slots] = v
+    if plan.key_index is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        lens_k = [c + s for c, s in zip(plan.ctx_lens, plan.seq_lens)]
+        cu_q = F.pad(torch.cumsum(torch.tensor(plan.seq_lens, device=q.device), 0), (1, 0)).int()
+        cu_k = F.pad(torch.cumsum(torch.tensor(lens_k, device=q.device), 0), (1, 0)).int()
+        kf = kk.reshape(-1, *kk.shape[2:])[plan.key_index]
+        vf = vv.reshape(-1, *vv.shape[2:])[plan.key_index]
+        out = flash_attn_varlen_func(
+            q, kf, vf, cu_q, cu_k, plan.lq, max(lens_k), causal=plan.kind == "causal"
+        )
+        return out.reshape(N, H * D)
+    qp = _to_padded(q, plan)
+    out = F.scaled_dot_product_attention(
+        qp.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), attn_mask=plan.mask, enable_gqa=True
+    )  # [S, H, Lq, D]
+    out = out.transpose(1, 2).reshape(plan.n_seq * plan.lq, H * D)
+    return out[plan.pad_index]

@@ -1,0 +1,234 @@
+"""BAGEL: a Qwen2 Mixture-of-Transformers LLM with a SigLIP ViT and FLUX-VAE latent bridges.
+
+Module names follow the released `ema.safetensors` exactly. Every per-layer weight has a
+`_moe_gen` twin used by VAE-latent tokens (clean or noisy); text, image-boundary and ViT
+tokens use the understanding weights. The model holds no sampling logic (see sampling.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from modeling.bagel.layers import KVCache, Plan, RMSNorm, apply_rope, attention, rope_cos_sin
+from modeling.bagel.vit import SiglipParams, SiglipVisionModel
+
+
+@dataclass
+class BagelParams:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-6
+    vit: SiglipParams = field(default_factory=SiglipParams)
+    latent_channels: int = 16
+    latent_patch_size: int = 2
+    vae_downsample: int = 8
+    max_latent_size: int = 64  # latent_pos_embed is max_latent_size**2 rows
+    vit_max_num_patch_per_side: int = 70
+    connector_act: str = "gelu_pytorch_tanh"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_latent_dim(self) -> int:
+        return self.latent_patch_size**2 * self.latent_channels
+
+    @property
+    def latent_downsample(self) -> int:  # pixels per latent token side
+        return self.vae_downsample * self.latent_patch_size
+
+
+PRESETS: dict[str, BagelParams] = {
+    "bagel-7b-mot": BagelParams(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_layers=28,
+        num_heads=28,
+        num_kv_heads=4,
+        vit=SiglipParams(hidden_size=1152, intermediate_size=4304, num_layers=26, num_heads=16),
+    ),
+}
+
+
+class Qwen2MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def routed(x: Tensor, gen: Tensor | None, f_und, f_gen) -> Tensor:
+    """Apply f_und to understanding tokens and f_gen to gen tokens. gen: [N] index of
+    gen tokens' positions as (und_idx, gen_idx), or None (all understanding)."""
+    if gen is None:
+        return f_und(x)
+    und_idx, gen_idx = gen
+    if und_idx.numel() == 0:
+        return f_gen(x)
+    a, b = f_und(x[und_idx]), f_gen(x[gen_idx])
+    out = a.new_empty((x.shape[0], *a.shape[1:]))
+    out[und_idx], out[gen_idx] = a, b
+    return out
+
+
+class MoTAttention(nn.Module):
+    def __init__(self, p: BagelParams):
+        super().__init__()
+        D, hd, H, Hkv = p.hidden_size, p.head_dim, p.num_heads, p.num_kv_heads
+        self.n_heads, self.n_kv, self.head_dim, self.theta = H, Hkv, hd, p.rope_theta
+        for sfx in ("", "_moe_gen"):
+            setattr(self, f"q_proj{sfx}", nn.Linear(D, H * hd, bias=True))
+            setattr(self, f"k_proj{sfx}", nn.Linear(D, Hkv * hd, bias=True))
+            setattr(self, f"v_proj{sfx}", nn.Linear(D, Hkv * hd, bias=True))
+            setattr(self, f"o_proj{sfx}", nn.Linear(H * hd, D, bias=False))
+            setattr(self, f"q_norm{sfx}", RMSNorm(hd, p.rms_norm_eps))
+            setattr(self, f"k_norm{sfx}", RMSNorm(hd, p.rms_norm_eps))
+
+    def _qkv(self, x: Tensor, sfx: str) -> Tensor:
+        q = getattr(self, f"q_norm{sfx}")(getattr(self, f"q_proj{sfx}")(x).unflatten(-1, (self.n_heads, self.head_dim)))
+        k = getattr(self, f"k_norm{sfx}")(getattr(self, f"k_proj{sfx}")(x).unflatten(-1, (self.n_kv, self.head_dim)))
+        v = getattr(self, f"v_proj{sfx}")(x).unflatten(-1, (self.n_kv, self.head_dim))
+        return torch.cat([q, k, v], dim=1)  # [n, H + 2 Hkv, hd]
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], plan: Plan, gen, cache: KVCache | None, layer: int):
+        # x: [N, D]
+        qkv = routed(x, gen, lambda t: self._qkv(t, ""), lambda t: self._qkv(t, "_moe_gen"))
+        q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = attention(q, k.contiguous(), v.contiguous(), plan, cache, layer)  # [N, H * hd]
+        return routed(out, gen, self.o_proj, self.o_proj_moe_gen)
+
+
+class MoTDecoderLayer(nn.Module):
+    def __init__(self, p: BagelParams):
+        super().__init__()
+        self.self_attn = MoTAttention(p)
+        self.mlp = Qwen2MLP(p.hidden_size, p.intermediate_size)
+        self.mlp_moe_gen = Qwen2MLP(p.hidden_size, p.intermediate_size)
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            setattr(self, name, RMSNorm(p.hidden_size, p.rms_norm_eps))
+            setattr(self, f"{name}_moe_gen", RMSNorm(p.hidden_size, p.rms_norm_eps))
+
+    def forward(self, x: Tensor, rope, plan: Plan, gen, cache: KVCache | None, layer: int) -> Tensor:
+        h = routed(x, gen, self.input_layernorm, self.input_layernorm_moe_gen)
+        x = x + self.self_attn(h, rope, plan, gen, cache, layer)
+        h = routed(
+            x,
+            gen,
+            lambda t: self.mlp(self.post_attention_layernorm(t)),
+            lambda t: self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(t)),
+        )
+        return x + h
+
+
+class Qwen2MoTModel(nn.Module):
+    def __init__(self, p: BagelParams):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(p.vocab_size, p.hidden_size)
+        self.layers = nn.ModuleList([MoTDecoderLayer(p) for _ in range(p.num_layers)])
+        self.norm = RMSNorm(p.hidden_size, p.rms_norm_eps)
+        self.norm_moe_gen = RMSNorm(p.hidden_size, p.rms_norm_eps)
+
+
+class Qwen2MoTForCausalLM(nn.Module):
+    def __init__(self, p: BagelParams):
+        super().__init__()
+        self.model = Qwen2MoTModel(p)
+        self.lm_head = nn.Linear(p.hidden_size, p.vocab_size, bias=False)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: Tensor) -> Tensor:
+        # t: [N] in [0, 1] -> [N, dim]; [cos, sin] order
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class Connector(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, act: str):
+        super().__init__()
+        if act != "gelu_pytorch_tanh":
+            raise ValueError(f"unsupported connector_act {act!r}")
+        self.fc1, self.fc2 = nn.Linear(in_dim, out_dim), nn.Linear(out_dim, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class PosTable(nn.Module):
+    """A fixed 2-D sin-cos table `pos_embed: [side**2, dim]`, indexed row * side + col."""
+
+    def __init__(self, side: int, dim: int):
+        super().__init__()
+        self.pos_embed = nn.Parameter(torch.zeros(side * side, dim), requires_grad=False)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.pos_embed[ids]
+
+
+class Bagel(nn.Module):
+    def __init__(self, p: BagelParams):
+        super().__init__()
+        self.params = p
+        self.language_model = Qwen2MoTForCausalLM(p)
+        self.vit_model = SiglipVisionModel(p.vit)
+        self.connector = Connector(p.vit.hidden_size, p.hidden_size, p.connector_act)
+        self.vae2llm = nn.Linear(p.patch_latent_dim, p.hidden_size)
+        self.llm2vae = nn.Linear(p.hidden_size, p.patch_latent_dim)
+        self.time_embedder = TimestepEmbedder(p.hidden_size)
+        self.latent_pos_embed = PosTable(p.max_latent_size, p.hidden_size)
+        self.vit_pos_embed = PosTable(p.vit_max_num_patch_per_side, p.hidden_size)
+
+    # -- embeddings of the three token kinds: [n, D] each
+    def embed_text(self, ids: Tensor) -> Tensor:
+        return self.language_model.model.embed_tokens(ids)
+
+    def embed_latents(self, x: Tensor, t: Tensor, pos_ids: Tensor) -> Tensor:
+        # x: [n, p*p*C] packed latents, t: [n] timestep per token, pos_ids: [n]
+        dt = self.vae2llm.weight.dtype
+        return self.vae2llm(x.to(dt)) + self.time_embedder(t) + self.latent_pos_embed(pos_ids)
+
+    def embed_vit(self, pixels: Tensor, pos_ids: Tensor, seq_lens: list[int]) -> Tensor:
+        # pixels: [n, 3*14*14] patchified (row, col, channel order), pos_ids: [n]
+        h = self.vit_model(pixels.to(self.connector.fc1.weight.dtype), pos_ids, seq_lens)
+        return self.connector(h) + self.vit_pos_embed(pos_ids)
+
+    def forward(self, h: Tensor, pos: Tensor, plan: Plan, gen: Tensor | None, cache: KVCache | None = None) -> Tensor:
+        """h: [N, D] input embeddings, pos: [N] RoPE ids, gen: [N] bool (None: all und).
+        Returns the final-normed hidden states [N, D]."""
+        idx = None
+        if gen is not None and bool(gen.any()):
+            idx = (torch.nonzero(~gen).flatten(), torch.nonzero(gen).flatten())
+        lm = self.language_model.model
+        rope = rope_cos_sin(pos, self.params.head_dim, self.params.rope_theta)
+        for i, layer in enumerate(lm.layers):
+            h = layer(h, rope, plan, idx, cache, i)
+        return routed(h, idx, lm.norm, lm.norm_moe_gen)
+
+    def new_cache(self, rows: int, capacity: int) -> KVCache:
+        p, w = self.params, self.vae2llm.weight
+        return KVCache(p.num_layers, rows, capacity, p.num_kv_heads, p.head_dim, w.device, w.dtype)

@@ -1,0 +1,298 @@
+"""BAGEL sampling as free functions: contexts -> prefill once -> batched Euler denoising /
+batched text decoding. Rows of a batch may differ in prompt, size, task and every CFG
+setting; each denoising step is one model forward over every row's active branches.
+
+A context is a list of segments: ("text", ids), ("vae", latent [C, h, w]) or
+("vit", patches [n, 3*p*p], (rows, cols)). Contexts are prefilled in a single forward
+into one KV cache (one cache row per context) and read, never written, while denoising.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from modeling.bagel.layers import make_plan
+from modeling.bagel.load import SpecialTokens
+from modeling.bagel.model import Bagel
+from modeling.bagel.transforms import grid_ids, patchify, unpatchify
+
+RENORM_TYPES = ("global", "channel", "text_channel")
+
+
+@dataclass(frozen=True)
+class ImageParams:
+    cfg_text_scale: float = 4.0
+    cfg_img_scale: float = 1.0
+    cfg_interval: tuple[float, float] = (0.4, 1.0)
+    cfg_renorm_type: str = "global"
+    cfg_renorm_min: float = 0.0
+    timestep_shift: float = 3.0
+    num_timesteps: int = 50
+
+    def __post_init__(self):
+        if self.cfg_renorm_type not in RENORM_TYPES:
+            raise ValueError(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {self.cfg_renorm_type!r}")
+        if self.num_timesteps < 2:
+            raise ValueError(f"num_timesteps must be >= 2, got {self.num_timesteps}")
+        if len(self.cfg_interval) != 2:
+            raise ValueError(f"cfg_interval must be [lo, hi], got {self.cfg_interval}")
+
+
+T2I_DEFAULTS = ImageParams()
+EDIT_DEFAULTS = ImageParams(cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel")
+
+
+@dataclass
+class ImageRow:
+    prompt_ids: list[int]
+    height: int
+    width: int
+    noise: Tensor  # [h * w, p * p * C] packed initial noise
+    params: ImageParams = T2I_DEFAULTS
+    vae_latent: Tensor | None = None  # edit: clean scaled latent [C, H/8, W/8]
+    vit_patches: Tensor | None = None  # edit: [n, 3 * 14 * 14]
+    vit_grid: tuple[int, int] | None = None
+
+
+@dataclass
+class TextRow:
+    prompt_ids: list[int]
+    vit_patches: Tensor | None = None
+    vit_grid: tuple[int, int] | None = None
+    max_new_tokens: int = 999
+    do_sample: bool = False
+    temperature: float = 0.3
+    generator: torch.Generator | None = None
+    out: list[int] = field(default_factory=list)
+
+
+def get_noise(model: Bagel, height: int, width: int, generator: torch.Generator) -> Tensor:
+    p = model.params
+    h, w = latent_grid(model, height, width)
+    return torch.randn(h * w, p.patch_latent_dim, generator=generator, device=generator.device)
+
+
+def latent_grid(model: Bagel, height: int, width: int) -> tuple[int, int]:
+    ds = model.params.latent_downsample
+    if height % ds or width % ds or height <= 0 or width <= 0:
+        raise ValueError(f"image size {height}x{width} must be positive multiples of {ds}")
+    return height // ds, width // ds
+
+
+def schedule(num_timesteps: int, shift: float) -> tuple[Tensor, Tensor]:
+    """(t, dt): the shifted times the model is evaluated at and the Euler step sizes."""
+    t = torch.linspace(1, 0, num_timesteps)
+    t = shift * t / (1 + (shift - 1) * t)
+    return t[:-1], t[:-1] - t[1:]
+
+
+def image_contexts(row: ImageRow) -> dict[str, list]:
+    """gen = full context; text = without the prompt (CFG-text); img = prompt only (CFG-img)."""
+    text = [("text", row.prompt_ids)]
+    images = []
+    if row.vae_latent is not None:
+        images.append(("vae", row.vae_latent))
+    if row.vit_patches is not None:
+        images.append(("vit", row.vit_patches, row.vit_grid))
+    return {"gen": images + text, "text": images, "img": text}
+
+
+class Contexts:
+    """Embeds and prefills contexts; `rope[i]`/`lens[i]` are context i's next position and length."""
+
+    def __init__(self, model: Bagel, contexts: list[list], special: SpecialTokens, extra: int = 0):
+        dev = model.vae2llm.weight.device
+        self.model, self.special = model, special
+        vit_embeds = _embed_vits(model, [s for c in contexts for s in c if s[0] == "vit"])
+        parts, self.rope, self.lens = [], [], []
+        block = 0
+        for ctx in contexts:
+            emb, pos, gen, blk, rope = [], [], [], [], 0
+            for seg in ctx:
+                if seg[0] == "text":
+                    ids = [special.bos_token_id, *seg[1], special.eos_token_id]
+                    emb.append(model.embed_text(torch.tensor(ids, device=dev)))
+                    pos += range(rope, rope + len(ids))
+                    gen += [False] * len(ids)
+                    blk += [-1] * len(ids)
+                    rope += len(ids)
+                    continue
+                body = vit_embeds[id(seg[1])] if seg[0] == "vit" else _embed_clean_latent(model, seg[1])
+                emb.append(self._wrap(body))
+                n = body.shape[0] + 2
+                pos += [rope] * n
+                gen += [False] + [seg[0] == "vae"] * (n - 2) + [False]
+                blk += [block] * n
+                block, rope = block + 1, rope + 1
+            self.rope.append(rope)
+            self.lens.append(len(pos))
+            parts.append((emb, pos, gen, blk))
+        self.cache = model.new_cache(len(contexts), max(self.lens) + extra)
+        live = [i for i, n in enumerate(self.lens) if n > 0]
+        if live:
+            h = torch.cat([e for i in live for e in parts[i][0]])
+            cat = lambda j, dt: torch.tensor([v for i in live for v in parts[i][j]], device=dev, dtype=dt)  # noqa: E731
+            pos, gen, blk = cat(1, torch.long), cat(2, torch.bool), cat(3, torch.long)
+            plan = make_plan([self.lens[i] for i in live], rows=live, blocks=blk, write=True, device=dev)
+            model(h, pos, plan, gen, self.cache)
+        self.cache.lens = list(self.lens)
+
+    def _wrap(self, body: Tensor) -> Tensor:
+        s = self.special
+        ends = self.model.embed_text(torch.tensor([s.start_of_image, s.end_of_image], device=body.device))
+        return torch.cat([ends[:1], body.to(ends.dtype), ends[1:]])
+
+
+def _embed_vits(model: Bagel, segs: list) -> dict[int, Tensor]:
+    uniq = {id(s[1]): s for s in segs}
+    if not uniq:
+        return {}
+    dev, side = model.vae2llm.weight.device, model.params.vit_max_num_patch_per_side
+    pix = torch.cat([s[1] for s in uniq.values()]).to(dev)
+    ids = torch.cat([grid_ids(*s[2], side) for s in uniq.values()]).to(dev)
+    lens = [s[1].shape[0] for s in uniq.values()]
+    out = model.embed_vit(pix, ids, lens).split(lens)
+    return dict(zip(uniq, out))
+
+
+def _embed_clean_latent(model: Bagel, latent: Tensor) -> Tensor:
+    # latent: [C, H/8, W/8] -> tokens [h * w, D] with time_embedder(0) added
+    p = model.params.latent_patch_size
+    c, hh, ww = latent.shape
+    h, w = hh // p, ww // p
+    dev = model.vae2llm.weight.device
+    x = patchify(latent[:, : h * p, : w * p].float(), p).to(dev)
+    ids = grid_ids(h, w, model.params.max_latent_size).to(dev)
+    return model.embed_latents(x, torch.zeros(h * w, device=dev), ids)
+
+
+def _combine(v: Tensor, u_text: Tensor | None, u_img: Tensor | None, p: ImageParams) -> Tensor:
+    """Per-sample CFG with renorm. v, u_*: [n, C] float32."""
+    if u_text is None:
+        return v
+    lo = p.cfg_renorm_min
+    vt = u_text + p.cfg_text_scale * (v - u_text)
+    if p.cfg_renorm_type == "text_channel":
+        scale = (v.norm(dim=-1, keepdim=True) / (vt.norm(dim=-1, keepdim=True) + 1e-8)).clamp(lo, 1.0)
+        vt = vt * scale
+        return vt if u_img is None else u_img + p.cfg_img_scale * (vt - u_img)
+    out = vt if u_img is None else u_img + p.cfg_img_scale * (vt - u_img)
+    dims = dict(dim=-1, keepdim=True) if p.cfg_renorm_type == "channel" else {}
+    scale = (v.norm(**dims) / (out.norm(**dims) + 1e-8)).clamp(lo, 1.0)
+    return out * scale
+
+
+def _branches(p: ImageParams, t: Tensor) -> list[str]:
+    lo, hi = p.cfg_interval
+    if not (bool(t > lo) and bool(t <= hi)) or p.cfg_text_scale <= 1.0:
+        return ["gen"]
+    return ["gen", "text"] + (["img"] if p.cfg_img_scale > 1.0 else [])
+
+
+@torch.inference_mode()
+def denoise(model: Bagel, rows: list[ImageRow], special: SpecialTokens) -> list[Tensor]:
+    """Run every row's Euler loop together; returns each row's final packed latents [n, C]."""
+    dev, P = model.vae2llm.weight.device, model.params
+    grids = [latent_grid(model, r.height, r.width) for r in rows]
+    for r, (h, w) in zip(rows, grids):
+        if tuple(r.noise.shape) != (h * w, P.patch_latent_dim):
+            raise ValueError(f"noise {tuple(r.noise.shape)} does not fit {r.height}x{r.width}")
+    ctx_of, contexts = {}, []
+    for i, r in enumerate(rows):
+        for name, ctx in image_contexts(r).items():
+            needed = name == "gen" or (r.params.cfg_text_scale > 1.0 and (name == "text" or r.params.cfg_img_scale > 1.0))
+            if needed:
+                ctx_of[i, name] = len(contexts)
+                contexts.append(ctx)
+    ctx = Contexts(model, contexts, special)
+    scheds = [schedule(r.params.num_timesteps, r.params.timestep_shift) for r in rows]
+    xs = [r.noise.to(dev, torch.float32) for r in rows]
+    pos_ids = [grid_ids(h, w, P.max_latent_size).to(dev) for h, w in grids]
+    ends = model.embed_text(torch.tensor([special.start_of_image, special.end_of_image], device=dev))
+    plans = {}
+    for step in range(max(len(t) for t, _ in scheds)):
+        seqs = []  # (row, branch)
+        for i, (t, _) in enumerate(scheds):
+            if step < len(t):
+                seqs += [(i, b) for b in _branches(rows[i].params, t[step])]
+        emb = {}
+        for i in {i for i, _ in seqs}:
+            t = scheds[i][0][step].to(dev)
+            lat = model.embed_latents(xs[i], t.expand(xs[i].shape[0]), pos_ids[i])
+            emb[i] = torch.cat([ends[:1], lat.to(ends.dtype), ends[1:]])
+        lens = [emb[i].shape[0] for i, _ in seqs]
+        cids = [ctx_of[i, b] for i, b in seqs]
+        key = (tuple(lens), tuple(cids))
+        if key not in plans:
+            plans.clear()
+            plans[key] = make_plan(lens, ctx_lens=[ctx.lens[c] for c in cids], rows=cids, device=dev)
+        h = torch.cat([emb[i] for i, _ in seqs])
+        pos = torch.cat([torch.full((n,), ctx.rope[c], device=dev) for n, c in zip(lens, cids)])
+        gen = torch.cat([torch.tensor([False] + [True] * (n - 2) + [False], device=dev) for n in lens])
+        out = model(h, pos, plans[key], gen, ctx.cache)
+        v_all = model.llm2vae(out[gen]).float().split([n - 2 for n in lens])
+        by_row: dict[int, dict[str, Tensor]] = {}
+        for (i, b), v in zip(seqs, v_all):
+            by_row.setdefault(i, {})[b] = v
+        for i, vs in by_row.items():
+            v = _combine(vs["gen"], vs.get("text"), vs.get("img"), rows[i].params)
+            xs[i] = xs[i] - v * scheds[i][1][step].to(dev)
+    return xs
+
+
+@torch.inference_mode()
+def generate_text(model: Bagel, rows: list[TextRow], special: SpecialTokens) -> list[list[int]]:
+    """Greedy or sampled decoding after [ViT image] + question; ids exclude bos/eos."""
+    dev = model.vae2llm.weight.device
+    contexts = [([("vit", r.vit_patches, r.vit_grid)] if r.vit_patches is not None else []) + [("text", r.prompt_ids)] for r in rows]
+    steps = max(r.max_new_tokens for r in rows)
+    ctx = Contexts(model, contexts, special, extra=steps + 1)
+    outs: list[list[int]] = [[] for _ in rows]
+    cur = [special.bos_token_id] * len(rows)
+    pos = list(ctx.rope)
+    live = [i for i, r in enumerate(rows) if r.max_new_tokens > 0]
+    while live:
+        plan = make_plan([1] * len(live), ctx_lens=[ctx.cache.lens[i] for i in live], rows=live, causal=True, write=True, device=dev)
+        h = model.embed_text(torch.tensor([cur[i] for i in live], device=dev))
+        out = model(h, torch.tensor([pos[i] for i in live], device=dev), plan, None, ctx.cache)
+        logits = model.language_model.lm_head(out).float().cpu()
+        nxt = []
+        for j, i in enumerate(live):
+            ctx.cache.lens[i] += 1
+            pos[i] += 1
+            r = rows[i]
+            if r.do_sample:
+                probs = torch.softmax(logits[j] / r.temperature, dim=-1)
+                tok = int(torch.multinomial(probs, 1, generator=r.generator))
+            else:
+                tok = int(logits[j].argmax())
+            if tok == special.eos_token_id:
+                continue
+            outs[i].append(tok)
+            cur[i] = tok
+            if len(outs[i]) < r.max_new_tokens:
+                nxt.append(i)
+        live = nxt
+    return outs
+
+
+def unpack_latent(model: Bagel, x: Tensor, height: int, width: int) -> Tensor:
+    """Packed [h * w, p * p * C] -> VAE latent [C, h * p, w * p]."""
+    h, w = latent_grid(model, height, width)
+    return unpatchify(x, h, w, model.params.latent_patch_size)
+
+
+@torch.inference_mode()
+def decode_to_uint8(ae, latent: Tensor) -> Tensor:
+    """latent [C, h, w] -> uint8 [H, W, 3] (truncation, as the reference)."""
+    img = ae.decode(latent[None].to(ae.decoder.conv_in.weight.device)).float()
+    return ((img * 0.5 + 0.5).clamp(0, 1)[0].permute(1, 2, 0) * 255).to(torch.uint8).cpu()
+
+
+__all__ = [
+    "ImageParams", "ImageRow", "TextRow", "T2I_DEFAULTS", "EDIT_DEFAULTS", "schedule", "denoise",
+    "generate_text", "get_noise", "unpack_latent", "decode_to_uint8", "image_contexts", "replace",
+]
