@@ -179,6 +179,21 @@ class Connector(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+def sincos_2d(side: int, dim: int) -> Tensor:
+    """The fixed 2-D sin-cos table [side**2, dim]: first half of the channels encodes the
+    column, second half the row; each half is [sin, cos] over 10000**(-k / (dim / 4))."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    coords = torch.arange(side, dtype=torch.float64)
+    col = coords[None, :].expand(side, side).reshape(-1)
+    row = coords[:, None].expand(side, side).reshape(-1)
+
+    def half(pos: Tensor) -> Tensor:
+        out = pos[:, None] * omega[None]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    return torch.cat([half(col), half(row)], dim=1).float()
+
+
 class PosTable(nn.Module):
     """A fixed 2-D sin-cos table `pos_embed: [side**2, dim]`, indexed row * side + col."""
 

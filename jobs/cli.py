@@ -1,0 +1,116 @@
+"""`genfleet`: run, demo, make-tiny, status, submit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from pipeline.manifest import ManifestError
+from pipeline.report import format_table, status
+from pipeline.resume import ResumeError
+from pipeline.spec import SpecError, load_spec
+from pipeline.storage import redact
+
+log = logging.getLogger("genfleet")
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", nargs="?", help="job spec YAML (flags override it)")
+    p.add_argument("--manifest", help="Parquet manifest: file, directory/prefix or glob (any fsspec URL)")
+    p.add_argument("--output", help="output directory/prefix (any fsspec URL)")
+    p.add_argument("--family", help="model family: bagel, dalle2, or package.module:ATTR")
+    p.add_argument("--model", help="model directory or config file")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec field by dotted path, e.g. stages.lmm.batch_size=8 (repeatable)")
+    p.add_argument("--new-run", action="store_true", help="discard what OUTPUT holds and start over")
+
+
+def _spec(args):
+    return load_spec(args.spec, {"manifest": args.manifest, "output": args.output, "family": args.family, "model": args.model}, args.sets)
+
+
+def cmd_run(args) -> int:
+    from jobs.driver import run_job
+
+    result = run_job(_spec(args), new_run=args.new_run)
+    print(f"genfleet: job {result['status']}\n{format_table(result)}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from jobs.demo import run_demo
+
+    return run_demo(args.output, args.family)
+
+
+def cmd_make_tiny(args) -> int:
+    from jobs.demo import make_tiny
+
+    path = make_tiny(args.family, args.dir)
+    print(f"genfleet: wrote a tiny random-weight {args.family} model to {path}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    data = status(args.output)
+    print(json.dumps(data, indent=1) if args.json else f"genfleet status of {redact(args.output)}\n{format_table(data)}")
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from jobs.submit import submit
+
+    job_id = submit(_spec(args), address=args.address, working_dir=args.working_dir, new_run=args.new_run, wait=args.wait)
+    print(f"genfleet: submitted {job_id}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="genfleet", description="Batch generation with multistage image models on Ray.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or resume) a job")
+    _job_args(run)
+    run.set_defaults(fn=cmd_run)
+    demo = sub.add_parser("demo", help="run a small job with a tiny random-weight model")
+    demo.add_argument("--output", default="demo-output")
+    demo.add_argument("--family", default="bagel", choices=["bagel", "dalle2"])
+    demo.set_defaults(fn=cmd_demo)
+    tiny = sub.add_parser("make-tiny", help="write a tiny random-weight model in the family's released layout")
+    tiny.add_argument("family", choices=["bagel", "dalle2"])
+    tiny.add_argument("dir")
+    tiny.set_defaults(fn=cmd_make_tiny)
+    st = sub.add_parser("status", help="progress of a running or finished job")
+    st.add_argument("output")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(fn=cmd_status)
+    sb = sub.add_parser("submit", help="run the job through Ray Jobs on a cluster")
+    _job_args(sb)
+    sb.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://head:8265")
+    sb.add_argument("--working-dir", default=".", help="directory shipped to the cluster (the genfleet checkout)")
+    sb.add_argument("--wait", action="store_true", help="follow the job's logs until it ends")
+    sb.set_defaults(fn=cmd_submit)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        return args.fn(args)
+    except (SpecError, ManifestError, ResumeError, FileNotFoundError, ValueError) as e:
+        print(f"genfleet: error: {redact(str(e))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("genfleet: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line for the user, the trace in -v
+        log.debug("job failed", exc_info=True)
+        print(f"genfleet: job failed: {type(e).__name__}: {redact(str(e)).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""CPU step after the model stages: pixels -> PNG/WebP/JPEG bytes.
+
+Runs in plain CPU tasks so that encoding never holds a GPU actor.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from pipeline.rows import fail, from_block, to_block
+
+_PIL_FORMAT = {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}
+
+
+def encode_image(pixels: np.ndarray, fmt: str, quality: int) -> bytes:
+    arr = np.asarray(pixels)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"pixels must be uint8 (H, W, 3), got {arr.dtype} {arr.shape}")
+    buf = io.BytesIO()
+    # PNG: fixed compression settings so that the same pixels give the same bytes
+    kwargs = {"compress_level": 6} if fmt == "png" else {"quality": quality}
+    Image.fromarray(arr).save(buf, format=_PIL_FORMAT[fmt], **kwargs)
+    return buf.getvalue()
+
+
+def encode_block(block: pa.Table, *, image_format: str, quality: int) -> pa.Table:
+    rows = from_block(block)
+    for row in rows:
+        if "error" in row or row.get("pixels") is None:
+            continue
+        try:
+            pixels = np.asarray(row.pop("pixels"))
+            row["image_bytes"] = encode_image(pixels, image_format, quality)
+            row["height"], row["width"] = int(pixels.shape[0]), int(pixels.shape[1])
+        except Exception as e:  # noqa: BLE001 - a bad output is this row's error
+            fail(row, "encode", type(e).__name__, str(e))
+    return to_block(rows)

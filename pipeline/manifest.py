@@ -1,0 +1,144 @@
+"""Manifests: Parquet files (one file, a directory/prefix of shards, or a glob).
+
+Whole-manifest problems (unreadable file, no `id` column, wrong column types,
+no rows) raise ManifestError before any model loads. Row problems are left to
+pipeline.validate. Reading is by row group, streaming, with each row's global
+ordinal (file order is sorted, so ordinals are stable across runs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.storage import filesystem, redact
+
+KNOWN_COLUMNS = ("id", "task", "prompt", "negative_prompt", "seed", "num_samples", "width", "height", "image", "mask", "params")
+READ_BATCH_ROWS = 1024
+
+
+def _is_str(t):
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_bin_or_str(t):
+    return _is_str(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
+def _is_number(t):
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+
+# column -> (accepts type?, what we say we expect)
+_TYPES = {
+    "id": (_is_str, "string"),
+    "task": (_is_str, "string"),
+    "prompt": (_is_str, "string"),
+    "negative_prompt": (_is_str, "string"),
+    "seed": (_is_number, "int64"),
+    "num_samples": (_is_number, "integer"),
+    "width": (_is_number, "integer"),
+    "height": (_is_number, "integer"),
+    "image": (_is_bin_or_str, "binary (image bytes) or string (URL)"),
+    "mask": (_is_bin_or_str, "binary (image bytes) or string (URL)"),
+    "params": (lambda t: _is_str(t) or pa.types.is_struct(t) or pa.types.is_map(t), "string (JSON object) or struct"),
+}
+
+
+class ManifestError(ValueError):
+    """The manifest cannot be used at all; names the file and the column."""
+
+
+@dataclass(frozen=True)
+class ManifestFile:
+    path: str  # inside the manifest's filesystem
+    num_rows: int
+    row_groups: tuple[int, ...]  # rows per row group
+    first_ordinal: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    url: str
+    protocol_prefix: str  # "s3://" etc. ("" for local paths): rebuilds full URLs
+    files: tuple[ManifestFile, ...]
+    schema: pa.Schema  # unified schema of all files
+    @property
+    def num_rows(self) -> int:
+        return sum(f.num_rows for f in self.files)
+
+    @property
+    def extra_columns(self) -> list[str]:
+        return [n for n in self.schema.names if n not in KNOWN_COLUMNS]
+
+    def url_of(self, f: ManifestFile) -> str:
+        return self.protocol_prefix + f.path
+
+
+def _list_files(url: str):
+    fs, path = filesystem(url)
+    if any(c in path for c in "*?["):
+        files = sorted(fs.glob(path))
+    elif fs.isdir(path):
+        files = sorted(p for p in fs.find(path) if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith(("_", ".")))
+    elif fs.exists(path):
+        files = [path]
+    else:
+        raise ManifestError(f"manifest {redact(url)}: no such file or directory")
+    if not files:
+        raise ManifestError(f"manifest {redact(url)}: no Parquet files found")
+    return fs, files
+
+
+def _check_schema(where: str, schema: pa.Schema) -> None:
+    if "id" not in schema.names:
+        raise ManifestError(f"manifest file {where}: required column 'id' is missing (columns: {', '.join(schema.names)})")
+    for name in schema.names:
+        if name in _TYPES:
+            t = schema.field(name).type
+            ok, expected = _TYPES[name]
+            if not (ok(t) or pa.types.is_null(t)):
+                raise ManifestError(f"manifest file {where}: column '{name}' has type {t}, expected {expected}")
+
+
+def open_manifest(url: str) -> Manifest:
+    """List and validate every file's footer (no row data is read)."""
+    fs, paths = _list_files(url)
+    protocol = url.split("://", 1)[0] + "://" if "://" in url and not url.startswith("file://") else ""
+    files, schemas, ordinal = [], [], 0
+    for p in paths:
+        where = redact(protocol + p)
+        try:
+            with fs.open(p, "rb") as fh:
+                meta = pq.ParquetFile(fh).metadata
+                schema = meta.schema.to_arrow_schema()
+        except Exception as e:  # noqa: BLE001 - any failure here makes the file unusable
+            raise ManifestError(f"manifest file {where}: unreadable as Parquet ({type(e).__name__}: {redact(str(e))})") from None
+        _check_schema(where, schema)
+        groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+        files.append(ManifestFile(p, meta.num_rows, groups, ordinal))
+        schemas.append((where, schema))
+        ordinal += meta.num_rows
+    try:
+        unified = pa.unify_schemas([s for _, s in schemas], promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise ManifestError(f"manifest {redact(url)}: files disagree on column types: {e}") from None
+    _check_schema(redact(url), unified)
+    if ordinal == 0:
+        raise ManifestError(f"manifest {redact(url)}: is empty (0 rows in {len(files)} file(s))")
+    return Manifest(url, protocol, tuple(files), unified)
+
+
+def read_file_rows(url: str, f: ManifestFile, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """Stream one manifest file as tables with an `_ordinal` column."""
+    fs, _ = filesystem(url)
+    ordinal = f.first_ordinal
+    with fs.open(f.path, "rb") as fh:
+        for batch in pq.ParquetFile(fh).iter_batches(batch_size=READ_BATCH_ROWS, columns=columns):
+            table = pa.Table.from_batches([batch])
+            n = table.num_rows
+            yield table.append_column("_ordinal", pa.array(range(ordinal, ordinal + n), pa.int64()))
+            ordinal += n

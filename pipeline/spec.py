@@ -1,0 +1,142 @@
+"""The job spec: one validated object built from YAML, then CLI overrides."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class SpecError(ValueError):
+    """The job spec is invalid; the message says which field and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StageConfig(_Strict):
+    """Placement of one family stage. Unset fields take the family's defaults."""
+
+    replicas: int | tuple[int, int] = 1  # a fixed pool size or (min, max) to autoscale
+    num_gpus: float | None = None  # per replica; fractions share a GPU; None: 1 for GPU stages
+    num_cpus: float = 0.5  # keep small: CPU-bound work (decode, encode) runs elsewhere
+    batch_size: int | None = Field(default=None, ge=1)
+    dtype: Dtype | None = None  # None: bfloat16 on CUDA, float32 on CPU
+    device: Literal["cuda", "cpu"] | None = None  # None: cuda when the stage has GPUs
+    options: dict[str, Any] = Field(default_factory=dict)
+    # run in the previous stage's actor (its replicas and resources apply)
+    colocate: bool = False
+
+    @field_validator("replicas")
+    @classmethod
+    def _replicas(cls, v):
+        lo, hi = (v, v) if isinstance(v, int) else v
+        if lo < 1 or hi < lo:
+            raise ValueError(f"replicas must be >= 1 and min <= max, got {v}")
+        return v
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _gpus(cls, v):
+        if v is not None and (v < 0 or (v > 1 and v != int(v))):
+            raise ValueError(f"num_gpus must be a fraction <= 1 or a whole number, got {v}")
+        return v
+
+
+class OutputConfig(_Strict):
+    image_format: Literal["png", "webp", "jpeg"] = "png"
+    quality: int = Field(default=95, ge=1, le=100)  # webp / jpeg only
+    webdataset: bool = False  # also write {key}.png/.json/.npy tar shards
+    rows_per_shard: int = Field(default=1000, ge=1)
+
+
+class RayConfig(_Strict):
+    address: str | None = None  # an existing cluster ("auto", "ray://..."); None starts one
+    num_cpus: int | None = None  # for a local start
+    num_gpus: float | None = None  # for a local start; may declare GPUs a CPU box lacks
+
+
+class JobSpec(_Strict):
+    family: str
+    model: str
+    manifest: str
+    output: str
+    seed: int = Field(default=0, ge=0)
+    sampler: dict[str, Any] = Field(default_factory=dict)  # overrides the family's defaults
+    stages: dict[str, StageConfig] = Field(default_factory=dict)
+    output_options: OutputConfig = Field(default_factory=OutputConfig, alias="outputs")
+    ray: RayConfig = Field(default_factory=RayConfig)
+    max_prompt_chars: int = Field(default=4000, ge=1)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _paths(self):
+        for name in ("model", "manifest", "output"):
+            if not getattr(self, name).strip():
+                raise ValueError(f"{name} must not be empty")
+        return self
+
+    def stage(self, name: str) -> StageConfig:
+        return self.stages.get(name) or StageConfig()
+
+    def output_fingerprint(self, model_fingerprint: str) -> dict[str, Any]:
+        """Everything that changes the bytes of the outputs (and nothing else:
+        replicas and batch sizes do not). Stored with the job to guard resumes."""
+        placement = {n: {"dtype": s.dtype, "device": s.device, "options": s.options} for n, s in sorted(self.stages.items())}
+        return {
+            "family": self.family,
+            "model": model_fingerprint,
+            "seed": self.seed,
+            "sampler": self.sampler,
+            "stages": placement,
+            "image_format": self.output_options.image_format,
+            "quality": self.output_options.quality,
+            "max_prompt_chars": self.max_prompt_chars,
+        }
+
+
+def fingerprint_digest(fp: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise SpecError(f"--set {dotted}: {k} is not a mapping")
+    node[keys[-1]] = value
+
+
+def load_spec(path: str | None, overrides: dict[str, Any] | None = None, sets: list[str] | None = None) -> JobSpec:
+    """YAML (optional) < explicit flags < --set KEY=VALUE (values parsed as YAML)."""
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise SpecError(f"cannot read job spec {path}: {e}") from None
+        if not isinstance(data, dict):
+            raise SpecError(f"job spec {path} must be a mapping, got {type(data).__name__}")
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            _set_dotted(data, k, v)
+    for item in sets or []:
+        if "=" not in item:
+            raise SpecError(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        _set_dotted(data, k.strip(), yaml.safe_load(v))
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as e:
+        lines = [f"{'.'.join(str(p) for p in err['loc']) or '(spec)'}: {err['msg']}" for err in e.errors()]
+        raise SpecError("invalid job spec: " + "; ".join(lines)) from None
