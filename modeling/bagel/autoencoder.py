@@ -170,13 +170,17 @@ class AutoEncoder(nn.Module):
         self.encoder = Encoder(p)
         self.decoder = Decoder(p)
 
-    def encode(self, x: Tensor, generator: torch.Generator | None = None, sample: bool = True) -> Tensor:
-        """x: [B, 3, H, W] in [-1, 1] -> scaled latents [B, z, H/8, W/8] (posterior sample)."""
-        mean, logvar = self.encoder(x.to(self.encoder.conv_in.weight.dtype)).chunk(2, dim=1)
+    def encode(self, x: Tensor, generators: list[torch.Generator] | None = None, sample: bool = True) -> Tensor:
+        """x: [B, 3, H, W] in [-1, 1] -> scaled latents [B, z, H/8, W/8]: a posterior sample
+        drawn with one CPU generator per image (the global RNG when None), or the mean."""
+        mean, logvar = self.encoder(x.to(self.encoder.conv_in.weight.dtype)).float().chunk(2, dim=1)
         z = mean
         if sample:
-            eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32, device="cpu" if generator is None else generator.device)
-            z = mean + torch.exp(0.5 * logvar) * eps.to(mean.device, mean.dtype)
+            gens = generators if generators is not None else [None] * len(x)
+            if len(gens) != len(x):
+                raise ValueError(f"{len(gens)} generators for {len(x)} images")
+            eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in gens])
+            z = mean + torch.exp(0.5 * logvar) * eps.to(mean.device)
         return self.params.scale_factor * (z - self.params.shift_factor)
 
     def decode(self, z: Tensor) -> Tensor:

@@ -1,0 +1,275 @@
+"""BAGEL (ByteDance-Seed/Bagel, released BAGEL-7B-MoT layout) as a genfleet family.
+
+Tasks: t2i, edit, understand. Stages, in order (each builds only what it needs):
+    prepare     CPU   decode + resize the input image, tokenise the prompt, fix the size
+    vae_encode  GPU   edit rows: input pixels -> clean latents (posterior sample, per-row seed)
+    lmm         GPU   contexts + batched CFG denoising (t2i/edit), or text decoding (understand)
+    vae_decode  GPU   latents -> pixels; option emit_latents=true adds embeddings["bagel_latent"]
+`combined_stages()` gives [prepare, generate] with the three GPU stages on one actor.
+Stage options: vae_transform / vit_transform ([max, min, stride], prepare), emit_latents
+(vae_decode / generate).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.family import BatchFn, Row, RowError, StageContext, StageSpec
+
+IMAGE_DEFAULTS: dict[str, Any] = {
+    "cfg_text_scale": 4.0, "cfg_img_scale": 1.0, "cfg_interval": [0.4, 1.0], "cfg_renorm_type": "global",
+    "cfg_renorm_min": 0.0, "timestep_shift": 3.0, "num_timesteps": 50,
+}
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "t2i": {**IMAGE_DEFAULTS, "image_shapes": [1024, 1024]},
+    "edit": {**IMAGE_DEFAULTS, "cfg_img_scale": 2.0, "cfg_interval": [0.0, 1.0], "cfg_renorm_type": "text_channel"},
+    "understand": {"max_think_token_n": 1000, "do_sample": False, "text_temperature": 0.3},
+}
+VAE_SEED_SALT = 0x5EED_BA6E  # the VAE posterior draws from its own stream of the sample seed
+BIG_FIELDS = ("bagel_vae_pixels", "bagel_vit_patches", "bagel_vae_latent", "bagel_latent")
+
+
+def _num(key: str, v: Any, lo: float, hi: float, integer: bool = False) -> float | int:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and float(v) != int(v)):
+        raise RowError("bad_params", f"{key} must be {'an integer' if integer else 'a number'}, got {v!r}")
+    if not lo <= v <= hi:
+        raise RowError("bad_params", f"{key} must be in [{lo}, {hi}], got {v!r}")
+    return int(v) if integer else float(v)
+
+
+def _check(task: str, key: str, v: Any) -> Any:
+    if key in ("cfg_text_scale", "cfg_img_scale"):
+        return _num(key, v, 0.0, 100.0)
+    if key == "cfg_interval":
+        if not isinstance(v, (list, tuple)) or len(v) != 2:
+            raise RowError("bad_params", f"cfg_interval must be [lo, hi], got {v!r}")
+        lo, hi = (_num(key, x, 0.0, 1.0) for x in v)
+        if lo > hi:
+            raise RowError("bad_params", f"cfg_interval lo > hi: {v!r}")
+        return [lo, hi]
+    if key == "cfg_renorm_type":
+        if v not in ("global", "channel", "text_channel"):
+            raise RowError("bad_params", f"cfg_renorm_type must be global|channel|text_channel, got {v!r}")
+        return v
+    if key == "cfg_renorm_min":
+        return _num(key, v, 0.0, 1.0)
+    if key == "timestep_shift":
+        return _num(key, v, 1e-3, 1000.0)
+    if key == "num_timesteps":
+        return _num(key, v, 2, 1000, integer=True)
+    if key == "image_shapes":
+        if not isinstance(v, (list, tuple)) or len(v) != 2:
+            raise RowError("bad_params", f"image_shapes must be [height, width], got {v!r}")
+        return [_size(key, x) for x in v]
+    if key == "max_think_token_n":
+        return _num(key, v, 1, 32768, integer=True)
+    if key == "do_sample":
+        if not isinstance(v, bool):
+            raise RowError("bad_params", f"do_sample must be true or false, got {v!r}")
+        return v
+    if key == "text_temperature":
+        return _num(key, v, 1e-4, 100.0)
+    raise AssertionError(key)
+
+
+def _size(key: str, v: Any, stride: int = 16, limit: int = 1024) -> int:
+    v = _num(key, v, stride, limit, integer=True)
+    if v % stride:
+        raise RowError("bad_params", f"{key} must be a multiple of {stride}, got {v}")
+    return v
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _to_np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).numpy()
+
+
+# ---- stages ------------------------------------------------------------------------------
+def build_prepare(ctx: StageContext) -> BatchFn:
+    from modeling.bagel.load import bagel_params, load_tokenizer
+    from modeling.bagel.transforms import VAE_RULE, VIT_RULE, ResizeRule, prepare_image
+
+    tok, _ = load_tokenizer(ctx.model_path)
+    p = bagel_params(ctx.model_path)
+    ds, limit = p.latent_downsample, p.latent_downsample * p.max_latent_size
+    vae_rule = ResizeRule(*ctx.options["vae_transform"]) if "vae_transform" in ctx.options else VAE_RULE
+    vit_rule = ResizeRule(*ctx.options["vit_transform"]) if "vit_transform" in ctx.options else VIT_RULE
+
+    def prepare(row: Row) -> Row:
+        from pipeline.inputs import load_image
+
+        if row.get("negative_prompt"):
+            raise RowError("bad_params", "bagel has no negative prompt (its CFG drops the prompt instead)")
+        out: Row = {"bagel_prompt_ids": tok.encode(row.get("prompt") or ""), "bagel_vae_pixels": None,
+                    "bagel_vit_patches": None, "bagel_vit_grid": None}
+        task = row["task"]
+        if task == "t2i":
+            h, w = row["params"].get("image_shapes", [1024, 1024])
+            h = _size("height", row["height"] if row.get("height") is not None else h, ds, limit)
+            w = _size("width", row["width"] if row.get("width") is not None else w, ds, limit)
+            out["bagel_size"] = [h, w]
+            return out
+        img = prepare_image(load_image(row.get("image")), vae_rule, vit_rule, vae=task == "edit")
+        out.update(bagel_vit_patches=_to_np(img.vit_patches), bagel_vit_grid=list(img.vit_grid))
+        if task == "edit":
+            out["bagel_vae_pixels"] = _to_np(img.vae_pixels)
+            out["bagel_size"] = list(img.vae_pixels.shape[-2:])
+        return out
+
+    return lambda rows: [prepare(r) for r in rows]
+
+
+def _encode(ae, rows: list[Row]) -> list[Row]:
+    outs: list[Row] = [{} for _ in rows]
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(rows):
+        if r["task"] == "edit" and r.get("bagel_vae_latent") is None:
+            groups.setdefault(tuple(r["bagel_vae_pixels"].shape), []).append(i)
+    dev = ae.encoder.conv_in.weight.device
+    for idx in groups.values():
+        x = torch.stack([torch.from_numpy(np.asarray(rows[i]["bagel_vae_pixels"])) for i in idx]).to(dev)
+        gens = [torch.Generator().manual_seed((int(rows[i]["sample_seed"]) ^ VAE_SEED_SALT) & (2**63 - 1)) for i in idx]
+        with torch.inference_mode():
+            z = ae.encode(x, gens)
+        for i, zi in zip(idx, z):
+            outs[i]["bagel_vae_latent"] = _to_np(zi)
+    return outs
+
+
+def _lmm(model, tok, special, rows: list[Row]) -> list[Row]:
+    from modeling.bagel import sampling as S
+
+    outs: list[Row] = [{} for _ in rows]
+    img, txt = [], []
+    for i, r in enumerate(rows):
+        p = r["params"]
+        vit = r.get("bagel_vit_patches")
+        vit = torch.from_numpy(np.asarray(vit)) if vit is not None else None
+        grid = tuple(r["bagel_vit_grid"]) if r.get("bagel_vit_grid") is not None else None
+        if r["task"] == "understand":
+            g = torch.Generator().manual_seed(int(r["sample_seed"]))
+            txt.append((i, S.TextRow(r["bagel_prompt_ids"], vit, grid, int(p["max_think_token_n"]) - 1,
+                                     bool(p["do_sample"]), float(p["text_temperature"]), g)))
+            continue
+        h, w = r["bagel_size"]
+        ip = S.ImageParams(**{k: (tuple(v) if k == "cfg_interval" else v) for k, v in p.items() if k in IMAGE_DEFAULTS})
+        noise = S.get_noise(model, h, w, torch.Generator().manual_seed(int(r["sample_seed"])))
+        lat = torch.from_numpy(np.asarray(r["bagel_vae_latent"])) if r["task"] == "edit" else None
+        img.append((i, S.ImageRow(r["bagel_prompt_ids"], h, w, noise, ip, lat, vit, grid)))
+    if img:
+        for (i, _), x in zip(img, S.denoise(model, [row for _, row in img], special)):
+            outs[i]["bagel_latent"] = _to_np(x)
+    if txt:
+        for (i, _), ids in zip(txt, S.generate_text(model, [row for _, row in txt], special)):
+            outs[i]["text"] = tok.decode(ids)
+    return outs
+
+
+def _decode(ae, model_params, rows: list[Row], emit: bool) -> list[Row]:
+    from modeling.bagel.sampling import decode_to_uint8
+    from modeling.bagel.transforms import unpatchify
+
+    outs: list[Row] = []
+    for r in rows:
+        out: Row = {k: None for k in BIG_FIELDS if k != "bagel_latent"}
+        if r["task"] != "understand":
+            h, w = r["bagel_size"]
+            ds = model_params.latent_downsample
+            x = torch.from_numpy(np.asarray(r["bagel_latent"]))
+            out["pixels"] = decode_to_uint8(ae, unpatchify(x, h // ds, w // ds, model_params.latent_patch_size)).numpy()
+            if emit:
+                out["embeddings"] = {"bagel_latent": x.reshape(-1).numpy().astype(np.float32)}
+        out["bagel_latent"] = None
+        outs.append(out)
+    return outs
+
+
+def build_vae_encode(ctx: StageContext) -> BatchFn:
+    from modeling.bagel.load import load_ae
+
+    ae = load_ae(ctx.model_path, ctx.device, _dtype(ctx.dtype))
+    return lambda rows: _encode(ae, rows)
+
+
+def build_lmm(ctx: StageContext) -> BatchFn:
+    from modeling.bagel.load import load_bagel, load_tokenizer
+
+    tok, special = load_tokenizer(ctx.model_path)
+    model = load_bagel(ctx.model_path, ctx.device, _dtype(ctx.dtype))
+    return lambda rows: _lmm(model, tok, special, rows)
+
+
+def build_vae_decode(ctx: StageContext) -> BatchFn:
+    from modeling.bagel.load import bagel_params, load_ae
+
+    ae, p = load_ae(ctx.model_path, ctx.device, _dtype(ctx.dtype)), bagel_params(ctx.model_path)
+    emit = bool(ctx.options.get("emit_latents", False))
+    return lambda rows: _decode(ae, p, rows, emit)
+
+
+def build_generate(ctx: StageContext) -> BatchFn:
+    """vae_encode + lmm + vae_decode on one actor."""
+    enc, lmm = build_vae_encode(ctx), build_lmm(ctx)
+    dec = build_vae_decode(ctx)
+
+    def run(rows: list[Row]) -> list[Row]:
+        e = enc(rows)
+        rows = [{**r, **o} for r, o in zip(rows, e)]
+        m = lmm(rows)
+        d = dec([{**r, **o} for r, o in zip(rows, m)])
+        return [{**eo, **mo, **do} for eo, mo, do in zip(e, m, d)]
+
+    return run
+
+
+PREPARE = StageSpec("prepare", build_prepare, uses_gpu=False, default_batch_size=8)
+VAE_ENCODE = StageSpec("vae_encode", build_vae_encode, default_batch_size=4)
+LMM = StageSpec("lmm", build_lmm, default_batch_size=4)
+VAE_DECODE = StageSpec("vae_decode", build_vae_decode, default_batch_size=4)
+GENERATE = StageSpec("generate", build_generate, default_batch_size=4)
+
+
+class BagelFamily:
+    name = "bagel"
+    tasks = frozenset({"t2i", "edit", "understand"})
+
+    def stages(self) -> list[StageSpec]:
+        return [PREPARE, VAE_ENCODE, LMM, VAE_DECODE]
+
+    def combined_stages(self) -> list[StageSpec]:
+        return [PREPARE, GENERATE]
+
+    def params_for(self, task: str, overrides: dict[str, Any]) -> dict[str, Any]:
+        if task not in DEFAULTS:
+            raise RowError("bad_params", f"bagel serves {sorted(DEFAULTS)}, not {task!r}")
+        out = json.loads(json.dumps(DEFAULTS[task]))
+        for k, v in (overrides or {}).items():
+            if k not in out:
+                raise RowError("bad_params", f"unknown {task} parameter {k!r} (known: {sorted(out)})")
+            out[k] = _check(task, k, v)
+        return out
+
+    def model_name(self, model_path: str) -> str:
+        return "bagel:" + (Path(model_path).name or "model")
+
+    def model_fingerprint(self, model_path: str) -> str:
+        d, h = Path(model_path), hashlib.sha256()
+        for f in sorted(d.iterdir()) if d.is_dir() else [d]:
+            if not f.is_file():
+                continue
+            h.update(f"{f.name}:{f.stat().st_size}\n".encode())
+            if f.suffix in (".json", ".txt") and f.stat().st_size < 64 << 20:
+                h.update(f.read_bytes())
+        return h.hexdigest()[:16]
+
+
+FAMILY = BagelFamily()
