@@ -1,0 +1,45 @@
+"""Parity with the reference (ByteDance-Seed/Bagel) on the recorded tiny kit."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from modeling.bagel import parity
+from modeling.bagel.transforms import ResizeRule, prepare_image
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared/fixtures"
+KIT = FIXTURES / "bagel-tiny"
+pytestmark = pytest.mark.skipif(not (KIT / "kit.json").is_file(), reason=f"parity kit not found at {KIT}")
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_parity_kit(batched):
+    ok, lines = parity.run(KIT, batched=batched)
+    assert ok, "\n".join(lines)
+
+
+def test_parity_cli_exit_code(capsys):
+    assert parity.main([str(KIT)]) == 0
+    assert "PARITY OK" in capsys.readouterr().out
+
+
+def test_transforms_match_kit():
+    kit = json.loads((KIT / "kit.json").read_text())
+    tensors = load_file(str(KIT / "tensors.safetensors"))
+    vae_rule, vit_rule = ResizeRule(**kit["vae_transform"]), ResizeRule(**kit["vit_transform"])
+    checked = 0
+    for case in kit["cases"]:
+        if "input_image" not in case:
+            continue
+        img = prepare_image(Image.open(KIT / case["input_image"]), vae_rule, vit_rule)
+        vit = tensors[f"{case['id']}.vit_packed_pixel_values"]
+        assert img.vit_patches.shape == vit.shape
+        torch.testing.assert_close(img.vit_patches, vit, atol=1e-6, rtol=0)
+        if f"{case['id']}.vae_pixels" in tensors:
+            torch.testing.assert_close(img.vae_pixels[None], tensors[f"{case['id']}.vae_pixels"], atol=1e-6, rtol=0)
+        checked += 1
+    assert checked >= 2
