@@ -57,14 +57,17 @@ def ddim_pairs(total: int, steps: int, start: float) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(times[:-1], times[1:]) if a > b]
 
 
-def _guided(fn: Callable[..., Tensor], x: Tensor, cond_scale: float, **cond) -> Tensor:
-    """One forward for both guidance branches: batch [cond; null], then null + (cond - null) * scale."""
+def _guided(fn: Callable[..., Tensor], x: Tensor, cond_scale: float, dtype: torch.dtype, **cond) -> Tensor:
+    """One forward for both guidance branches: batch [cond; null], then null + (cond - null) * scale.
+    The model runs in `dtype`; the sampler's arithmetic stays in x's dtype (float32)."""
     b = x.shape[0]
+    cast = lambda t: t.to(dtype) if t is not None and t.is_floating_point() else t
+    cond = {k: cast(v) for k, v in cond.items()}
     if cond_scale == 1:
-        return fn(x, drop=torch.zeros(b, dtype=torch.bool, device=x.device), **cond)
+        return fn(cast(x), drop=torch.zeros(b, dtype=torch.bool, device=x.device), **cond).to(x.dtype)
     two = lambda t: None if t is None else torch.cat((t, t))
     drop = torch.cat((torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool))).to(x.device)
-    out = fn(two(x), drop=drop, **{k: two(v) for k, v in cond.items()})
+    out = fn(two(cast(x)), drop=drop, **{k: two(v) for k, v in cond.items()}).to(x.dtype)
     c, u = out.chunk(2)
     return u + (c - u) * cond_scale
 
@@ -109,10 +112,13 @@ def sample_prior(model: DiffusionPriorNetwork, text_embed: Tensor, text_encoding
     s = make_schedule(p.beta_schedule, total).to(te.device)
     scale = p.image_embed_scale
     b, d = te.shape
-    x = noise((b, d)).to(te)
+    x = noise((b, d)).to(te.device, torch.float32)
     if p.init_image_embed_l2norm:
         x = l2norm(x) * scale
-    net = lambda x_, t_, **c: _guided(model, x_, cond_scale, t=torch.full((x_.shape[0],), t_, device=x_.device), **c)
+    mdtype = model.learned_query.dtype
+    te, enc = te.float(), None if enc is None else enc.float()
+    net = lambda x_, t_, **c: _guided(model, x_, cond_scale, mdtype, t=torch.full((x_.shape[0],), t_, device=x_.device),
+                                      **c)
 
     def x0_of(x, t):
         pred = net(x, t, text_embed=te, text_encodings=enc)
@@ -197,7 +203,8 @@ def sample_unet(unet: Unet, p: DecoderParams, unet_number: int, image_embed: Ten
         raise ValueError(f"unet {unet_number}: cond_scale={cond_scale} but the decoder was trained without cond dropout")
     eta = p.ddim_sampling_eta if eta is None else eta
     ref = image_embed if image_embed is not None else prev_image
-    device, dtype = ref.device, ref.dtype
+    device, dtype, mdtype = ref.device, torch.float32, unet.to_out.weight.dtype
+    prev_image = None if prev_image is None else prev_image.float()
     b = ref.shape[0]
     s = make_schedule(p.beta_schedule[i], total).to(device)
     lowres = level = None
@@ -229,7 +236,8 @@ def sample_unet(unet: Unet, p: DecoderParams, unet_number: int, image_embed: Ten
 
     def model_out(x, t):
         tt = torch.full((b,), t, device=device, dtype=torch.long)
-        return _guided(lambda x_, drop, **c: unet(x_, c.pop("time"), drop=drop, **c), x, cond_scale, time=tt, **cond)
+        return _guided(lambda x_, drop, **c: unet(x_, c.pop("time"), drop=drop, **c), x, cond_scale, mdtype,
+                       time=tt, **cond)
 
     def paste(x, t):
         return x * ~mask + _q_sample(s, known, t, noise(shape).to(x)) * mask
