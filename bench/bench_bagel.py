@@ -1,0 +1,149 @@
+"""Throughput of BAGEL-7B-MoT t2i / edit with random weights built directly on the GPU.
+
+    python bench/bench_bagel.py                       # 512^2 and 1024^2, batch 1/4/8, 50 steps, + one edit
+    python bench/bench_bagel.py --tiny                # tiny model on CPU (smoke test)
+    python bench/bench_bagel.py --sizes 1024 --batch-sizes 8 --steps 10
+
+Each row of a batch has its own prompt and noise; sampler settings are the reference
+notebook's (t2i: cfg_text 4, cfg_img 1, interval [0.4, 1], global renorm, shift 3; edit:
+cfg_text 4, cfg_img 2, interval [0, 1], text_channel). Timed: context prefill, the
+denoising loop and the VAE decode (and VAE encode for edit) -- not image I/O.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from modeling.bagel import sampling as S  # noqa: E402
+from modeling.bagel.autoencoder import AutoEncoder, AutoEncoderParams  # noqa: E402
+from modeling.bagel.load import SpecialTokens  # noqa: E402
+from modeling.bagel.model import PRESETS, Bagel, sincos_2d  # noqa: E402
+from modeling.bagel.tiny import TINY_AE, tiny_params  # noqa: E402
+from modeling.bagel.transforms import VAE_RULE, VIT_RULE, ResizeRule, prepare_image  # noqa: E402
+
+SPECIAL = SpecialTokens(1, 2, 3, 4)
+
+
+def random_init_(module: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, t in module.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                t.fill_(1.0)
+            elif name.endswith("pos_embed"):
+                side = int(t.shape[0] ** 0.5)
+                t.copy_(sincos_2d(side, t.shape[1]))
+            elif t.ndim >= 2:
+                t.normal_(0.0, 0.02, generator=g)
+            else:
+                t.zero_()
+
+
+def build(tiny: bool, device: str, dtype: torch.dtype, vae_dtype: torch.dtype):
+    p = tiny_params(512) if tiny else PRESETS["bagel-7b-mot"]
+    ap = TINY_AE if tiny else AutoEncoderParams()
+    with torch.device("meta"):
+        model, ae = Bagel(p).to(dtype), AutoEncoder(ap).to(vae_dtype)
+    model, ae = model.to_empty(device=device), ae.to_empty(device=device)
+    random_init_(model, 0)
+    random_init_(ae, 1)
+    return model.eval().requires_grad_(False), ae.eval().requires_grad_(False)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def prompts(model: Bagel, n: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    vocab = min(model.params.vocab_size, 150000)
+    return [torch.randint(10, vocab, (int(torch.randint(12, 40, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+
+
+def run_t2i(model, ae, size: int, batch: int, steps: int, seed: int = 0) -> None:
+    rows = [
+        S.ImageRow(ids, size, size, S.get_noise(model, size, size, torch.Generator().manual_seed(seed + i)),
+                   S.replace(S.T2I_DEFAULTS, num_timesteps=steps))
+        for i, ids in enumerate(prompts(model, batch, seed))
+    ]
+    for x in S.denoise(model, rows, SPECIAL):
+        S.decode_to_uint8(ae, S.unpack_latent(model, x, size, size))
+
+
+def run_edit(model, ae, size: int, steps: int, vae_rule: ResizeRule, vit_rule: ResizeRule) -> None:
+    from PIL import Image
+
+    img = Image.effect_noise((size, size), 64).convert("RGB")
+    prep = prepare_image(img, vae_rule, vit_rule)
+    dev = model.vae2llm.weight.device
+    with torch.inference_mode():
+        lat = ae.encode(prep.vae_pixels[None].to(dev), [torch.Generator().manual_seed(0)])[0]
+    H, W = prep.vae_pixels.shape[-2:]
+    row = S.ImageRow(prompts(model, 1, 99)[0], H, W, S.get_noise(model, H, W, torch.Generator().manual_seed(0)),
+                     S.replace(S.EDIT_DEFAULTS, num_timesteps=steps), lat, prep.vit_patches, prep.vit_grid)
+    (x,) = S.denoise(model, [row], SPECIAL)
+    S.decode_to_uint8(ae, S.unpack_latent(model, x, H, W))
+
+
+def measure(fn, device: str) -> tuple[float, float]:
+    """(seconds, peak GiB) of one call."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+    return dt, peak
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny random model on CPU (smoke test)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--vae-dtype", default="float32", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--sizes", type=int, nargs="+", default=None)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--no-edit", action="store_true")
+    args = ap.parse_args(argv)
+    device = args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    dtype = getattr(torch, args.dtype or ("float32" if args.tiny else "bfloat16"))
+    sizes = args.sizes or ([32, 64] if args.tiny else [512, 1024])
+    batches = args.batch_sizes or ([1, 2] if args.tiny else [1, 4, 8])
+    steps = args.steps or (4 if args.tiny else 50)
+    vae_rule, vit_rule = (ResizeRule(64, 32, 16), ResizeRule(56, 28, 14)) if args.tiny else (VAE_RULE, VIT_RULE)
+
+    t0 = time.perf_counter()
+    model, ae = build(args.tiny, device, dtype, getattr(torch, args.vae_dtype))
+    sync(device)
+    name = "tiny" if args.tiny else "BAGEL-7B-MoT (random weights)"
+    gpu = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    print(f"# {name}, {dtype}, VAE {args.vae_dtype}, {gpu}; built in {time.perf_counter() - t0:.1f}s; {steps} steps\n")
+    print("| task | size | batch | s/batch | s/image | images/hour | peak GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for size in sizes:
+        run_t2i(model, ae, size, 1, 2)  # warm-up (kernels, allocator)
+        for b in batches:
+            dt, peak = measure(lambda: run_t2i(model, ae, size, b, steps), device)
+            print(f"| t2i | {size}² | {b} | {dt:.2f} | {dt / b:.2f} | {3600 * b / dt:.0f} | {peak:.1f} |", flush=True)
+    if not args.no_edit:
+        size = max(sizes)
+        run_edit(model, ae, size, 2, vae_rule, vit_rule)
+        dt, peak = measure(lambda: run_edit(model, ae, size, steps, vae_rule, vit_rule), device)
+        print(f"| edit | {size}² in | 1 | {dt:.2f} | {dt:.2f} | {3600 / dt:.0f} | {peak:.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

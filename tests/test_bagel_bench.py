@@ -1,0 +1,15 @@
+"""The benchmark runs end to end at tiny size on CPU."""
+
+import importlib.util
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_bagel.py"
+
+
+def test_bench_tiny(capsys):
+    spec = importlib.util.spec_from_file_location("bench_bagel", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--tiny", "--sizes", "32", "--batch-sizes", "1", "2", "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "| t2i | 32² | 2 |" in out and "| edit |" in out
