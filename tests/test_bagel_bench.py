@@ -10,6 +10,6 @@ def test_bench_tiny(capsys):
     spec = importlib.util.spec_from_file_location("bench_bagel", BENCH)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.main(["--tiny", "--sizes", "32", "--batch-sizes", "1", "2", "--steps", "3"]) == 0
+    assert mod.main(["--tiny", "--sizes", "16", "--batch-sizes", "1", "2", "--steps", "2"]) == 0
     out = capsys.readouterr().out
-    assert "| t2i | 32² | 2 |" in out and "| edit |" in out
+    assert "| t2i | 16² | 2 |" in out and "| edit |" in out

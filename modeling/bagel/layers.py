@@ -176,12 +176,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, plan: Plan, cache: KVCache | None
         kf = kk.reshape(-1, *kk.shape[2:])[plan.key_index]
         vf = vv.reshape(-1, *vv.shape[2:])[plan.key_index]
         out = flash_attn_varlen_func(
-            q, kf, vf, cu_q, cu_k, plan.lq, max(lens_k), causal=plan.kind == "causal"
+            q.contiguous(), kf, vf, cu_q, cu_k, plan.lq, max(lens_k), causal=plan.kind == "causal"
         )
         return out.reshape(N, H * D)
     qp = _to_padded(q, plan)
+    gqa = H != kk.shape[2]
+    if gqa and plan.mask is not None:  # masked kernels (mem-efficient) lack GQA: expand the kv heads
+        kk, vv = kk.repeat_interleave(H // kk.shape[2], dim=2), vv.repeat_interleave(H // vv.shape[2], dim=2)
+        gqa = False
     out = F.scaled_dot_product_attention(
-        qp.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), attn_mask=plan.mask, enable_gqa=True
+        qp.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), attn_mask=plan.mask, enable_gqa=gqa
     )  # [S, H, Lq, D]
     out = out.transpose(1, 2).reshape(plan.n_seq * plan.lq, H * D)
     return out[plan.pad_index]

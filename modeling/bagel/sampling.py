@@ -226,13 +226,18 @@ def denoise(model: Bagel, rows: list[ImageRow], special: SpecialTokens) -> list[
         lens = [emb[i].shape[0] for i, _ in seqs]
         cids = [ctx_of[i, b] for i, b in seqs]
         key = (tuple(lens), tuple(cids))
-        if key not in plans:
+        if key not in plans:  # the batch's shape changes only when a row's CFG turns on/off or it ends
             plans.clear()
-            plans[key] = make_plan(lens, ctx_lens=[ctx.lens[c] for c in cids], rows=cids, device=dev)
+            plan = make_plan(lens, ctx_lens=[ctx.lens[c] for c in cids], rows=cids, device=dev)
+            pos = torch.cat([torch.full((n,), ctx.rope[c], device=dev) for n, c in zip(lens, cids)])
+            gen = torch.ones(sum(lens), dtype=torch.bool, device=dev)
+            ends_at = torch.tensor(lens, device=dev).cumsum(0)
+            gen[ends_at - 1] = False
+            gen[ends_at - torch.tensor(lens, device=dev)] = False
+            plans[key] = plan, pos, gen
+        plan, pos, gen = plans[key]
         h = torch.cat([emb[i] for i, _ in seqs])
-        pos = torch.cat([torch.full((n,), ctx.rope[c], device=dev) for n, c in zip(lens, cids)])
-        gen = torch.cat([torch.tensor([False] + [True] * (n - 2) + [False], device=dev) for n in lens])
-        out = model(h, pos, plans[key], gen, ctx.cache)
+        out = model(h, pos, plan, gen, ctx.cache)
         v_all = model.llm2vae(out[gen]).float().split([n - 2 for n in lens])
         by_row: dict[int, dict[str, Tensor]] = {}
         for (i, b), v in zip(seqs, v_all):
