@@ -116,7 +116,9 @@ def run_job(spec: JobSpec, *, new_run: bool = False, interactive: bool | None = 
     family, stages = check_job(spec)
     manifest = open_manifest(spec.manifest)
     plan = make_plan(manifest)
-    fingerprint = spec.output_fingerprint(family.model_fingerprint(spec.model))
+    placement = {name: {"device": ctx.device, "dtype": ctx.dtype, "options": ctx.options}
+                 for g in _groups(spec, stages) for name, ctx in g["stages"]}
+    fingerprint = spec.output_fingerprint(family.model_fingerprint(spec.model), placement)
     committed, commits = start_run(spec.output, fingerprint, manifest=spec.manifest, expected_pairs=plan.expected_pairs, new_run=new_run)
     log.info("manifest: %d rows in %d file(s), %d (id, sample) pairs expected, %d already committed",
              plan.num_rows, len(manifest.files), plan.expected_pairs, len(committed))

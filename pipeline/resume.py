@@ -41,6 +41,7 @@ def _stem(path: str) -> str:
 
 def list_commits(output: str) -> list[str]:
     fs, root = filesystem(output)
+    fs.invalidate_cache(join(root, COMMITS))  # listings are cached per filesystem instance
     try:
         return sorted(p for p in fs.ls(join(root, COMMITS), detail=False) if p.endswith(".parquet"))
     except FileNotFoundError:
@@ -73,6 +74,7 @@ def remove_debris(output: str, committed: set[str]) -> list[str]:
     fs, root = filesystem(output)
     removed = []
     for dataset in DATASETS:
+        fs.invalidate_cache(join(root, dataset))
         try:
             paths = fs.ls(join(root, dataset), detail=False)
         except FileNotFoundError:

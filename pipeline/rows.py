@@ -28,6 +28,9 @@ def to_block(rows: list[Row]) -> pa.Table:
 
 
 def from_block(block: pa.Table | dict) -> list[Row]:
+    names = block.keys() if isinstance(block, dict) else block.column_names
+    if "row" not in names:  # Ray hands on empty blocks without columns
+        return []
     col = block["row"] if isinstance(block, dict) else block.column("row")
     values = col.to_pylist() if hasattr(col, "to_pylist") else list(col)
     return [pickle.loads(v) for v in values]

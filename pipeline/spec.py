@@ -87,10 +87,10 @@ class JobSpec(_Strict):
     def stage(self, name: str) -> StageConfig:
         return self.stages.get(name) or StageConfig()
 
-    def output_fingerprint(self, model_fingerprint: str) -> dict[str, Any]:
+    def output_fingerprint(self, model_fingerprint: str, placement: dict[str, dict]) -> dict[str, Any]:
         """Everything that changes the bytes of the outputs (and nothing else:
-        replicas and batch sizes do not). Stored with the job to guard resumes."""
-        placement = {n: {"dtype": s.dtype, "device": s.device, "options": s.options} for n, s in sorted(self.stages.items())}
+        replicas and batch sizes do not). Stored with the job to guard resumes.
+        `placement`: each stage's resolved device, dtype and options."""
         return {
             "family": self.family,
             "model": model_fingerprint,

@@ -1,0 +1,68 @@
+"""Whole-manifest checks fail fast, naming the file and the column."""
+
+import pyarrow as pa
+import pytest
+
+from pipeline.manifest import ManifestError, open_manifest, read_file_rows
+from pipeline.plan import make_plan
+from tests.conftest import write_manifest
+
+
+def test_directory_glob_and_file_forms_list_the_same_rows(tmp_path):
+    for i in range(3):
+        write_manifest(str(tmp_path / "m" / f"part-{i}.parquet"), {"id": [f"r{i}a", f"r{i}b"], "prompt": ["p", "q"]})
+    (tmp_path / "m" / "_SUCCESS").write_text("")
+    by_dir = open_manifest(str(tmp_path / "m"))
+    by_glob = open_manifest(str(tmp_path / "m" / "part-*.parquet"))
+    one = open_manifest(str(tmp_path / "m" / "part-1.parquet"))
+    assert [f.path for f in by_dir.files] == [f.path for f in by_glob.files]
+    assert by_dir.num_rows == 6 and one.num_rows == 2
+    ordinals = [o for f in by_dir.files for t in read_file_rows(by_dir.url_of(f), f) for o in t.column("_ordinal").to_pylist()]
+    assert ordinals == list(range(6))
+
+
+@pytest.mark.parametrize(
+    "columns, message",
+    [
+        ({"prompt": ["a"]}, "required column 'id' is missing"),
+        ({"id": [1], "prompt": ["a"]}, "column 'id' has type int64, expected string"),
+        ({"id": ["a"], "seed": ["7"]}, "column 'seed' has type string, expected int64"),
+        ({"id": ["a"], "image": [3.5]}, "column 'image' has type double"),
+        ({"id": ["a"], "params": [1]}, "column 'params' has type int64"),
+    ],
+)
+def test_bad_columns_name_file_and_column(tmp_path, columns, message):
+    path = write_manifest(str(tmp_path / "bad.parquet"), columns)
+    with pytest.raises(ManifestError) as e:
+        open_manifest(path)
+    assert message in str(e.value) and "bad.parquet" in str(e.value)
+
+
+def test_unreadable_empty_and_missing(tmp_path):
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(ManifestError, match="junk.parquet: unreadable as Parquet"):
+        open_manifest(str(tmp_path / "junk.parquet"))
+    empty = write_manifest(str(tmp_path / "empty.parquet"), {"id": pa.array([], pa.string())})
+    with pytest.raises(ManifestError, match="is empty"):
+        open_manifest(empty)
+    with pytest.raises(ManifestError, match="no such file"):
+        open_manifest(str(tmp_path / "nope.parquet"))
+    (tmp_path / "emptydir").mkdir()
+    with pytest.raises(ManifestError, match="no Parquet files"):
+        open_manifest(str(tmp_path / "emptydir"))
+
+
+def test_files_that_disagree_on_types_are_refused(tmp_path):
+    write_manifest(str(tmp_path / "m" / "a.parquet"), {"id": ["a"], "extra": ["x"]})
+    write_manifest(str(tmp_path / "m" / "b.parquet"), {"id": ["b"], "extra": [1.5]})
+    with pytest.raises(ManifestError, match="disagree"):
+        open_manifest(str(tmp_path / "m"))
+
+
+def test_plan_finds_duplicates_in_manifest_order_and_counts_pairs(tmp_path):
+    write_manifest(str(tmp_path / "m" / "a.parquet"), {"id": ["x", "y", "x"], "num_samples": [2, 3, 5]}, row_group_size=2)
+    write_manifest(str(tmp_path / "m" / "b.parquet"), {"id": ["x", "z", "y"], "num_samples": [1, 1, 4]})
+    plan = make_plan(open_manifest(str(tmp_path / "m")))
+    assert plan.duplicates == {2: 1, 3: 2, 5: 1}
+    # x:2 + y:3 + z:1 + one error record per duplicate occurrence
+    assert plan.expected_pairs == 2 + 3 + 1 + 3
