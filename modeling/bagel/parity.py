@@ -55,7 +55,10 @@ def build_rows(kit: dict, kit_dir: Path, tensors: dict, cases: list[dict]):
         t = lambda name: tensors[f"{c['id']}.{name}"]  # noqa: E731
         if c["kind"] == "understand":
             n = int(c["params"].get("max_think_token_n", 1000))
-            rows.append(S.TextRow(c["prompt_ids"], t("vit_packed_pixel_values"), vit_grid(kit, kit_dir, c), max_new_tokens=n - 1))
+            g = torch.Generator().manual_seed(0)
+            rows.append(S.TextRow(c["prompt_ids"], t("vit_packed_pixel_values"), vit_grid(kit, kit_dir, c),
+                                  max_new_tokens=n - 1, do_sample=bool(c["params"].get("do_sample", False)),
+                                  temperature=float(c["params"].get("text_temperature", 0.3)), generator=g))
             continue
         p = image_params(c["params"])
         if c["kind"] == "edit":
