@@ -93,3 +93,16 @@ def test_bad_inputs_raise(tiny):
     bad = S.ImageRow([1], 32, 32, torch.zeros(3, 64))
     with pytest.raises(ValueError, match="noise"):
         S.denoise(model, [bad], special)
+
+
+def test_chunked_prefill_and_shared_contexts(tiny, monkeypatch):
+    model, tok, special = tiny
+    rows = _rows(model, tok)
+    rows.append(S.ImageRow(rows[0].prompt_ids, 32, 48, _noise(model, 32, 48, 9), rows[0].params))  # same prompt
+    want = S.denoise(model, rows, special)
+    monkeypatch.setattr(S, "PREFILL_CHUNK_TOKENS", 8)  # one context per prefill forward
+    got = S.denoise(model, rows, special)
+    for a, b in zip(want, got):
+        assert float((a - b).norm() / b.norm()) <= 1e-4
+    ctx = S.Contexts(model, [c for r in rows for c in S.image_contexts(r).values()], special, share=True)
+    assert ctx.cache.k[0].shape[0] < 3 * len(rows)  # empty and repeated contexts share cache rows

@@ -100,16 +100,30 @@ def image_contexts(row: ImageRow) -> dict[str, list]:
     return {"gen": images + text, "text": images, "img": text}
 
 
-class Contexts:
-    """Embeds and prefills contexts; `rope[i]`/`lens[i]` are context i's next position and length."""
+PREFILL_CHUNK_TOKENS = 32768  # contexts are prefilled in forwards of about this many tokens
 
-    def __init__(self, model: Bagel, contexts: list[list], special: SpecialTokens, extra: int = 0):
+
+def _ctx_key(ctx: list) -> tuple:
+    return tuple(("text", tuple(s[1])) if s[0] == "text" else (s[0], id(s[1])) for s in ctx)
+
+
+class Contexts:
+    """Embeds and prefills contexts into one KV cache. Context i lives in cache row `row[i]`
+    (identical contexts share a row when `share`: the cache is then read-only), has
+    `lens[i]` tokens and continues at RoPE position `rope[i]`."""
+
+    def __init__(self, model: Bagel, contexts: list[list], special: SpecialTokens, extra: int = 0, share: bool = False):
         dev = model.vae2llm.weight.device
         self.model, self.special = model, special
-        vit_embeds = _embed_vits(model, [s for c in contexts for s in c if s[0] == "vit"])
-        parts, self.rope, self.lens = [], [], []
+        keys = [_ctx_key(c) if share else i for i, c in enumerate(contexts)]
+        rows: dict = {}
+        self.row = [rows.setdefault(k, len(rows)) for k in keys]
+        first = {r: contexts[i] for i, r in reversed(list(enumerate(self.row)))}
+        uniq = [first[r] for r in range(len(rows))]
+        vit_embeds = _embed_vits(model, [s for c in uniq for s in c if s[0] == "vit"])
+        parts, rope_of, len_of = [], [], []
         block = 0
-        for ctx in contexts:
+        for ctx in uniq:
             emb, pos, gen, blk, rope = [], [], [], [], 0
             for seg in ctx:
                 if seg[0] == "text":
@@ -127,18 +141,26 @@ class Contexts:
                 gen += [False] + [seg[0] == "vae"] * (n - 2) + [False]
                 blk += [block] * n
                 block, rope = block + 1, rope + 1
-            self.rope.append(rope)
-            self.lens.append(len(pos))
+            rope_of.append(rope)
+            len_of.append(len(pos))
             parts.append((emb, pos, gen, blk))
-        self.cache = model.new_cache(len(contexts), max(self.lens) + extra)
-        live = [i for i, n in enumerate(self.lens) if n > 0]
-        if live:
-            h = torch.cat([e for i in live for e in parts[i][0]])
-            cat = lambda j, dt: torch.tensor([v for i in live for v in parts[i][j]], device=dev, dtype=dt)  # noqa: E731
+        self.rope = [rope_of[r] for r in self.row]
+        self.lens = [len_of[r] for r in self.row]
+        self.cache = model.new_cache(len(uniq), max(len_of) + extra)
+        chunks, cur, size = [], [], 0
+        for r in (r for r, n in enumerate(len_of) if n > 0):
+            if cur and size + len_of[r] > PREFILL_CHUNK_TOKENS:
+                chunks.append(cur)
+                cur, size = [], 0
+            cur.append(r)
+            size += len_of[r]
+        for live in chunks + ([cur] if cur else []):
+            h = torch.cat([e for r in live for e in parts[r][0]])
+            cat = lambda j, dt: torch.tensor([v for r in live for v in parts[r][j]], device=dev, dtype=dt)  # noqa: E731
             pos, gen, blk = cat(1, torch.long), cat(2, torch.bool), cat(3, torch.long)
-            plan = make_plan([self.lens[i] for i in live], rows=live, blocks=blk, write=True, device=dev)
+            plan = make_plan([len_of[r] for r in live], rows=live, blocks=blk, write=True, device=dev)
             model(h, pos, plan, gen, self.cache)
-        self.cache.lens = list(self.lens)
+        self.cache.lens = list(len_of)
 
     def _wrap(self, body: Tensor) -> Tensor:
         s = self.special
@@ -207,7 +229,7 @@ def denoise(model: Bagel, rows: list[ImageRow], special: SpecialTokens) -> list[
             if needed:
                 ctx_of[i, name] = len(contexts)
                 contexts.append(ctx)
-    ctx = Contexts(model, contexts, special)
+    ctx = Contexts(model, contexts, special, share=True)
     scheds = [schedule(r.params.num_timesteps, r.params.timestep_shift) for r in rows]
     xs = [r.noise.to(dev, torch.float32) for r in rows]
     pos_ids = [grid_ids(h, w, P.max_latent_size).to(dev) for h, w in grids]
@@ -228,7 +250,7 @@ def denoise(model: Bagel, rows: list[ImageRow], special: SpecialTokens) -> list[
         key = (tuple(lens), tuple(cids))
         if key not in plans:  # the batch's shape changes only when a row's CFG turns on/off or it ends
             plans.clear()
-            plan = make_plan(lens, ctx_lens=[ctx.lens[c] for c in cids], rows=cids, device=dev)
+            plan = make_plan(lens, ctx_lens=[ctx.lens[c] for c in cids], rows=[ctx.row[c] for c in cids], device=dev)
             pos = torch.cat([torch.full((n,), ctx.rope[c], device=dev) for n, c in zip(lens, cids)])
             gen = torch.ones(sum(lens), dtype=torch.bool, device=dev)
             ends_at = torch.tensor(lens, device=dev).cumsum(0)
@@ -260,7 +282,8 @@ def generate_text(model: Bagel, rows: list[TextRow], special: SpecialTokens) -> 
     pos = list(ctx.rope)
     live = [i for i, r in enumerate(rows) if r.max_new_tokens > 0]
     while live:
-        plan = make_plan([1] * len(live), ctx_lens=[ctx.cache.lens[i] for i in live], rows=live, causal=True, write=True, device=dev)
+        plan = make_plan([1] * len(live), ctx_lens=[ctx.cache.lens[i] for i in live], rows=live, causal=True,
+                         write=True, device=dev)
         h = model.embed_text(torch.tensor([cur[i] for i in live], device=dev))
         out = model(h, torch.tensor([pos[i] for i in live], device=dev), plan, None, ctx.cache)
         logits = model.language_model.lm_head(out).float().cpu()
