@@ -4,7 +4,7 @@ sizes, tasks, step counts and every CFG setting."""
 import pytest
 import torch
 
-from modeling.bagel import sampling as S
+from modeling.bagel import context, sampling as S
 from modeling.bagel.load import load_bagel, load_tokenizer
 from modeling.bagel.tiny import write_tiny
 
@@ -100,7 +100,7 @@ def test_chunked_prefill_and_shared_contexts(tiny, monkeypatch):
     rows = _rows(model, tok)
     rows.append(S.ImageRow(rows[0].prompt_ids, 32, 48, _noise(model, 32, 48, 9), rows[0].params))  # same prompt
     want = S.denoise(model, rows, special)
-    monkeypatch.setattr(S, "PREFILL_CHUNK_TOKENS", 8)  # one context per prefill forward
+    monkeypatch.setattr(context, "PREFILL_CHUNK_TOKENS", 8)  # one context per prefill forward
     got = S.denoise(model, rows, special)
     for a, b in zip(want, got):
         assert float((a - b).norm() / b.norm()) <= 1e-4
