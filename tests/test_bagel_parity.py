@@ -43,3 +43,20 @@ def test_transforms_match_kit():
             torch.testing.assert_close(img.vae_pixels[None], tensors[f"{case['id']}.vae_pixels"], atol=1e-6, rtol=0)
         checked += 1
     assert checked >= 2
+
+
+def test_vae_encoder_explains_recorded_posterior_sample():
+    """The kit's vae_latent is a posterior sample: under our encoder's mean/std the implied
+    noise must look standard normal (a wrong encoder gives a visibly wider spread)."""
+    from modeling.bagel.load import load_ae
+
+    ae = load_ae(KIT)
+    tensors = load_file(str(KIT / "tensors.safetensors"))
+    edits = [k[: -len(".vae_latent")] for k in tensors if k.endswith(".vae_latent")]
+    assert edits
+    for cid in edits:
+        with torch.no_grad():
+            mean, logvar = ae.encoder(tensors[f"{cid}.vae_pixels"]).chunk(2, dim=1)
+        z = tensors[f"{cid}.vae_latent"] / ae.params.scale_factor + ae.params.shift_factor
+        eps = (z - mean) / torch.exp(0.5 * logvar)
+        assert abs(float(eps.mean())) < 0.1 and 0.9 < float(eps.std()) < 1.1, (float(eps.mean()), float(eps.std()))
