@@ -71,6 +71,15 @@ def build_rows(kit: dict, kit_dir: Path, tensors: dict, cases: list[dict]):
     return rows
 
 
+def vae_note(ae, tensors: dict, cid: str) -> str:
+    """Informative: the noise our encoder implies for the recorded posterior sample (~N(0, 1))."""
+    with torch.no_grad():
+        mean, logvar = ae.encoder(tensors[f"{cid}.vae_pixels"].float()).chunk(2, dim=1)
+    z = tensors[f"{cid}.vae_latent"] / ae.params.scale_factor + ae.params.shift_factor
+    eps = (z - mean) / torch.exp(0.5 * logvar)
+    return f"  (VAE: implied posterior noise mean {float(eps.mean()):+.3f} std {float(eps.std()):.3f})"
+
+
 def run(kit_dir: str | Path, batched: bool = False) -> tuple[bool, list[str]]:
     kit_dir = Path(kit_dir)
     kit = json.loads((kit_dir / "kit.json").read_text())
@@ -108,7 +117,7 @@ def run(kit_dir: str | Path, batched: bool = False) -> tuple[bool, list[str]]:
             dmax = int(np.abs(pix - want).max()) if pix.shape == want.shape else 10**9
             good = rel <= LATENT_TOL and dmax <= PIXEL_TOL
             lines.append(f"{c['id']:<28} {c['kind']:<10}  latent rel L2 {rel:.2e}  max pixel diff {dmax}"
-                         + ("" if good else "  FAIL"))
+                         + ("" if good else "  FAIL") + (vae_note(ae, tensors, c["id"]) if c["kind"] == "edit" else ""))
         ok &= good
     return ok, lines
 
