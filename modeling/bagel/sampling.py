@@ -8,7 +8,7 @@ denoising; text decoding appends to its rows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -66,7 +66,6 @@ class TextRow:
     do_sample: bool = False
     temperature: float = 0.3
     generator: torch.Generator | None = None
-    out: list[int] = field(default_factory=list)
 
 
 def get_noise(model: Bagel, height: int, width: int, generator: torch.Generator) -> Tensor:
