@@ -13,7 +13,7 @@ from modeling.bagel.tiny import write_tiny
 from pipeline.families.bagel import FAMILY
 from pipeline.family import RowError, StageContext
 
-OPTIONS = {"vae_transform": [64, 32, 16], "vit_transform": [56, 28, 14], "emit_latents": True}
+OPTIONS = {"vae_transform": [64, 32, 16], "vit_transform": [56, 28, 14], "emit_latents": True, "vae_dtype": "float32"}
 
 
 @pytest.fixture(scope="module")

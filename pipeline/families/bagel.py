@@ -7,7 +7,9 @@ Tasks: t2i, edit, understand. Stages, in order (each builds only what it needs):
     vae_decode  GPU   latents -> pixels; option emit_latents=true adds embeddings["bagel_latent"]
 `combined_stages()` gives [prepare, generate] with the three GPU stages on one actor.
 Stage options: vae_transform / vit_transform ([max, min, stride], prepare), emit_latents
-(vae_decode / generate).
+(vae_decode / generate), vae_dtype (VAE stages / generate; default: the stage dtype --
+float32 is what the reference app uses for the VAE). Edit outputs take the input's
+resized size (row width/height are ignored); t2i sizes must be multiples of 16, <= 1024.
 """
 
 from __future__ import annotations
@@ -193,10 +195,14 @@ def _decode(ae, model_params, rows: list[Row], emit: bool) -> list[Row]:
     return outs
 
 
-def build_vae_encode(ctx: StageContext) -> BatchFn:
+def _load_ae(ctx: StageContext):
     from modeling.bagel.load import load_ae
 
-    ae = load_ae(ctx.model_path, ctx.device, _dtype(ctx.dtype))
+    return load_ae(ctx.model_path, ctx.device, _dtype(ctx.options.get("vae_dtype", ctx.dtype)))
+
+
+def build_vae_encode(ctx: StageContext, ae=None) -> BatchFn:
+    ae = ae if ae is not None else _load_ae(ctx)
     return lambda rows: _encode(ae, rows)
 
 
@@ -208,18 +214,18 @@ def build_lmm(ctx: StageContext) -> BatchFn:
     return lambda rows: _lmm(model, tok, special, rows)
 
 
-def build_vae_decode(ctx: StageContext) -> BatchFn:
-    from modeling.bagel.load import bagel_params, load_ae
+def build_vae_decode(ctx: StageContext, ae=None) -> BatchFn:
+    from modeling.bagel.load import bagel_params
 
-    ae, p = load_ae(ctx.model_path, ctx.device, _dtype(ctx.dtype)), bagel_params(ctx.model_path)
+    ae, p = ae if ae is not None else _load_ae(ctx), bagel_params(ctx.model_path)
     emit = bool(ctx.options.get("emit_latents", False))
     return lambda rows: _decode(ae, p, rows, emit)
 
 
 def build_generate(ctx: StageContext) -> BatchFn:
-    """vae_encode + lmm + vae_decode on one actor."""
-    enc, lmm = build_vae_encode(ctx), build_lmm(ctx)
-    dec = build_vae_decode(ctx)
+    """vae_encode + lmm + vae_decode on one actor (one AE shared by encode and decode)."""
+    ae = _load_ae(ctx)
+    enc, lmm, dec = build_vae_encode(ctx, ae), build_lmm(ctx), build_vae_decode(ctx, ae)
 
     def run(rows: list[Row]) -> list[Row]:
         e = enc(rows)
