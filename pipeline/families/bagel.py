@@ -248,7 +248,7 @@ class BagelFamily:
     name = "bagel"
     tasks = frozenset({"t2i", "edit", "understand"})
 
-    def stages(self) -> list[StageSpec]:
+    def stages(self, model_path: str | None = None) -> list[StageSpec]:
         return [PREPARE, VAE_ENCODE, LMM, VAE_DECODE]
 
     def combined_stages(self) -> list[StageSpec]:
