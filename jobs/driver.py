@@ -91,6 +91,17 @@ def _groups(spec: JobSpec, stages):
     return groups
 
 
+def check_resources(groups) -> None:
+    """Fail fast, instead of waiting forever, when a stage needs GPUs the cluster lacks."""
+    have = ray.cluster_resources().get("GPU", 0)
+    for g in groups:
+        need = g["gpus"] * (g["cfg"].replicas if isinstance(g["cfg"].replicas, int) else g["cfg"].replicas[0])
+        if need > have:
+            name = g["stages"][0][0]
+            raise SpecError(f"stages.{name}: needs {need:g} GPU(s) for its replicas, the Ray cluster has {have:g}; "
+                            f"set stages.{name}.num_gpus=0 to run it on CPU, or fewer replicas")
+
+
 def _pool(replicas) -> ActorPoolStrategy:
     if isinstance(replicas, int):
         return ActorPoolStrategy(size=replicas)
@@ -102,7 +113,9 @@ def build_dataset(spec: JobSpec, stages, manifest, plan, committed, sink_cfg: Si
     expand_kwargs = dict(family=spec.family, job_seed=spec.seed, sampler=spec.sampler, max_prompt_chars=spec.max_prompt_chars,
                          duplicates=plan.duplicates, committed=committed)
     ds = ds.map_batches(Expand, fn_constructor_kwargs=expand_kwargs, batch_format="pyarrow", compute=ActorPoolStrategy(size=1), num_cpus=0.25)
-    for g in _groups(spec, stages):
+    groups = _groups(spec, stages)
+    check_resources(groups)
+    for g in groups:
         ds = ds.map_batches(StageGroup, fn_constructor_kwargs={"family": spec.family, "stages": g["stages"]},
                             batch_size=g["batch"], batch_format="pyarrow", compute=_pool(g["cfg"].replicas),
                             num_gpus=g["gpus"] or None, num_cpus=g["cfg"].num_cpus)
