@@ -84,5 +84,5 @@ def check_against_buffers(s: Schedule, buffers: dict[str, Tensor], where: str) -
         if name not in buffers or buffers[name].is_meta:
             continue
         ref = buffers[name].float().cpu()
-        if ref.shape != getattr(s, name).shape or not torch.allclose(ref, getattr(s, name), rtol=1e-4, atol=1e-6):
+        if ref.shape != getattr(s, name).shape or not torch.allclose(ref, getattr(s, name), rtol=1e-4, atol=1e-6, equal_nan=True):
             raise ValueError(f"{where}: stored {name} does not match the configured beta schedule / timesteps")
