@@ -34,7 +34,12 @@ def read_checkpoint(path: str | Path) -> dict:
         return out
     try:
         with torch.serialization.safe_globals(ALLOWED_GLOBALS):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            try:  # memory-mapped: only the tensors a stage keeps are read from disk
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) files
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()
         hint = next((l for l in first if "GLOBAL" in l or "Unsupported" in l), first[0] if first else "")

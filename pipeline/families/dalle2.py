@@ -8,7 +8,7 @@ Stages, in order, each able to sit on its own GPU actor:
     upsamplerK   unet K (K = 2..N, read from the config)
 Params left at None take the model config's defaults (default_sample_timesteps,
 default_cond_scale), then the checkpoint config's, then 64 steps / scale 1.
-Stage option: channels_last (decoder stages).
+Stage options (decoder / upsampler stages): channels_last, compile (torch.compile the unet).
 """
 
 from __future__ import annotations
@@ -177,6 +177,8 @@ def build_unet_stage(number: int):
         p, unet = decoder.params, decoder.unets[number - 1]
         if ctx.options.get("channels_last"):
             unet.to(memory_format=torch.channels_last)
+        if ctx.options.get("compile"):
+            unet.forward = torch.compile(unet.forward)
         n, i = len(p.unets), number - 1
         default_scale = stack.default_cond_scales()[1][i]
         last = number == n
