@@ -61,7 +61,8 @@ def run_case(case: dict, tensors: dict, models: dict) -> torch.Tensor:
         if unknown:
             raise ValueError(f"unknown prior params {sorted(unknown)}")
         out = sample_prior(models["prior"], inp["text_embed"], inp.get("text_encodings"), counted,
-                           steps=params.get("timesteps"), cond_scale=params.get("cond_scale", 1.0),
+                           steps=params.get("timesteps") or models["prior"].params.timesteps,  # p_sample_loop default
+                           cond_scale=params.get("cond_scale", 1.0),
                            eta=params.get("eta", 1.0), num_samples_per_batch=params.get("num_samples_per_batch", 1))
     elif kind == "decoder":
         unknown = set(params) - DECODER_PARAMS
