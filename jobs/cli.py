@@ -25,9 +25,12 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec field by dotted path, e.g. stages.lmm.batch_size=8 (repeatable)")
     p.add_argument("--new-run", action="store_true", help="discard what OUTPUT holds and start over")
+    p.add_argument("--spec-json", help=argparse.SUPPRESS)  # a resolved spec, as `submit` sends it
 
 
 def _spec(args):
+    if args.spec_json:
+        return load_spec(None, json.loads(args.spec_json), args.sets)
     return load_spec(args.spec, {"manifest": args.manifest, "output": args.output, "family": args.family, "model": args.model}, args.sets)
 
 
