@@ -161,12 +161,19 @@ def test_laion_layout_remaps_load_strictly(tmp_path):
     got, section, _ = split_checkpoint(read_checkpoint(tmp_path / "d.pth"), "decoder")
     dec = build_decoder(section, got)
     assert dec.params.unets[0].downsample == "conv" and _same(dec, sd)
+    # no version + pre-1.10 layout = the LAION era (~1.1.0): q.k/sqrt(d) attention, old linear attention
+    assert dec.params.unets[0].legacy_attention and dec.params.unets[0].legacy_linear_attention
+    newer = build_decoder(section, got, version=Version("1.4.3")).params.unets[0]
+    assert not newer.legacy_attention and not newer.legacy_linear_attention
+    mid = build_decoder(section, got, version=Version("1.4.1")).params.unets[0]
+    assert mid.legacy_attention and not mid.legacy_linear_attention
+    assert not build_decoder(DECODER, _decoder_sd(5)).params.unets[0].legacy_attention
 
     psd = _prior_sd(4)
     old = {k: v for k, v in psd.items() if k not in ("net.null_text_embeds", "net.null_image_embed")}
     old["net.null_text_embed"] = old.pop("net.null_text_encodings")
     prior = build_prior(PRIOR, old)
-    assert not prior.params.guidance_trained
+    assert not prior.params.guidance_trained and prior.params.legacy_attention
     del old["net.learned_query"]
     with pytest.raises(ValueError, match="missing .*learned_query"):
         build_prior(PRIOR, old)

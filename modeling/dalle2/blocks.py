@@ -90,7 +90,8 @@ class Wrap(nn.Module):
 class SelfAttention2d(nn.Module):
     def __init__(self, dim: int, p: UnetParams):
         super().__init__()
-        self.fn = Wrap(NullKVAttention(dim, p.attn_dim_head, p.attn_heads, cosine_sim=p.cosine_sim_self_attn))
+        self.fn = Wrap(NullKVAttention(dim, p.attn_dim_head, p.attn_heads, cosine_sim=p.cosine_sim_self_attn,
+                                       legacy=p.legacy_attention))
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
@@ -100,9 +101,9 @@ class SelfAttention2d(nn.Module):
 
 
 class LinearAttention(nn.Module):
-    def __init__(self, dim: int, dim_head: int, heads: int):
+    def __init__(self, dim: int, dim_head: int, heads: int, legacy: bool = False):
         super().__init__()
-        self.heads, self.scale = heads, dim_head**-0.5
+        self.heads, self.scale, self.legacy = heads, dim_head**-0.5, legacy
         inner = dim_head * heads
         self.norm = LayerNorm(dim, channel_dim=1)
         self.to_qkv = nn.Conv2d(dim, inner * 3, 1, bias=False)
@@ -113,8 +114,9 @@ class LinearAttention(nn.Module):
         qkv = self.to_qkv(self.norm(x)).chunk(3, dim=1)
         q, k, v = (t.reshape(b * self.heads, -1, h * w).transpose(1, 2) for t in qkv)  # [BH, N, Dh]
         q = q.softmax(dim=-1) * self.scale
-        k = k.softmax(dim=-2) / math.sqrt(h * w)
-        v = l2norm(v) / math.sqrt(h * w)
+        k = k.softmax(dim=-2)
+        if not self.legacy:  # dalle2-pytorch >= 1.4.0 rescales for fp16
+            k, v = k / math.sqrt(h * w), l2norm(v) / math.sqrt(h * w)
         out = q @ (k.transpose(1, 2) @ v)  # [BH, N, Dh]
         out = out.transpose(1, 2).reshape(b, -1, h, w)
         return self.to_out(F.gelu(out))
@@ -123,7 +125,7 @@ class LinearAttention(nn.Module):
 class LinearAttention2d(nn.Module):
     def __init__(self, dim: int, p: UnetParams):
         super().__init__()
-        self.fn = LinearAttention(dim, p.attn_dim_head, p.attn_heads)
+        self.fn = LinearAttention(dim, p.attn_dim_head, p.attn_heads, legacy=p.legacy_linear_attention)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fn(x) + x

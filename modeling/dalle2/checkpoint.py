@@ -52,6 +52,17 @@ def read_checkpoint(path: str | Path) -> dict:
     return obj
 
 
+def checkpoint_version(obj: dict) -> Version | None:
+    """The dalle2-pytorch version a checkpoint was saved with, if it says."""
+    v = obj.get("version") if isinstance(obj, dict) else None
+    if v is None or isinstance(v, Tensor):
+        return None
+    try:
+        return Version(str(v))
+    except Exception:  # noqa: BLE001 - an unparsable version is treated as unknown
+        return None
+
+
 def _is_state_dict(d) -> bool:
     return isinstance(d, dict) and len(d) > 0 and all(isinstance(v, Tensor) for v in d.values())
 

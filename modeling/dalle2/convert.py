@@ -27,6 +27,18 @@ _PRIOR_IGNORED = {"clip", "net", "image_embed_dim", "image_size", "image_channel
                   "text_cond_drop_prob", "image_cond_drop_prob", "loss_type", "training_clamp_l2norm"}
 
 
+def legacy_numerics(version, old_layout: bool) -> tuple[bool, bool]:
+    """(attention < 1.4.3, linear attention < 1.4.0) for a checkpoint saved by dalle2-pytorch `version`.
+    Without a version, the pre-1.9/1.10 key layout of the LAION releases means ~1.1.0."""
+    from packaging.version import Version
+
+    if version is None:
+        if not old_layout:
+            return False, False
+        version = Version("1.1.0")
+    return version < Version("1.4.3"), version < Version("1.4.0")
+
+
 def _unknown(d: dict, known: set, where: str) -> None:
     extra = sorted(set(d) - known)
     if extra:
@@ -72,7 +84,8 @@ _DECODER_IGNORED = {"unets", "image_size", "image_sizes", "clip", "loss_type", "
                     "predict_x_start_for_latent_diffusion", "clip_adapter_overrides"}
 
 
-def decoder_params(section: dict, downsample: list[str] | None = None) -> DecoderParams:
+def decoder_params(section: dict, downsample: list[str] | None = None,
+                   legacy: tuple[bool, bool] = (False, False)) -> DecoderParams:
     """`section` is a DecoderConfig dict (the `decoder` part of a TrainDecoderConfig)."""
     _unknown(section, _DECODER_KEYS | _DECODER_IGNORED, "decoder config")
     for k in ("unconditional", "learned_variance_constrain_frac", "predict_x_start_for_latent_diffusion"):
@@ -102,7 +115,8 @@ def decoder_params(section: dict, downsample: list[str] | None = None) -> Decode
         ukw.update(channels=channels, lowres_cond=i > 0, lowres_noise_cond=probe.use_noise_for_lowres_cond[i],
                    cond_on_image_embeds=i == 0, cond_on_text_encodings=bool(u.get("cond_on_text_encodings")),
                    channels_out=channels * (2 if probe.learned_variance[i] else 1),
-                   downsample=(downsample or ["unshuffle"] * len(unets_cfg))[i])
+                   downsample=(downsample or ["unshuffle"] * len(unets_cfg))[i],
+                   legacy_attention=legacy[0], legacy_linear_attention=legacy[1])
         unets.append(UnetParams(**ukw))
     return DecoderParams(unets=unets, image_sizes=list(sizes), **kw)
 

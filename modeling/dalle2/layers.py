@@ -46,14 +46,17 @@ class NullKVAttention(nn.Module):
 
     Used by the prior's causal transformer (cosine-sim, rotary, relative bias) and by the
     unets' full self-attention. Scores: `scale * cos(q, k)` with cosine_sim, otherwise
-    `q.k / dim_head` (the reference applies dim_head**-0.5 twice).
+    `q.k / dim_head` (the reference applies dim_head**-0.5 twice). `legacy` is the
+    dalle2-pytorch < 1.4.3 form (LAION releases): `q.k / sqrt(dim_head) + 128 * bias`
+    (its "pb-relax" rescaling multiplies the relative position bias by alpha = 128).
     """
 
     def __init__(self, dim: int, dim_head: int, heads: int, cosine_sim: bool, cosine_sim_scale: float = 16.0,
-                 rotary_dim: int = 0):
+                 rotary_dim: int = 0, legacy: bool = False):
         super().__init__()
-        self.heads, self.dim_head, self.cosine_sim = heads, dim_head, cosine_sim
-        self.scale = cosine_sim_scale if cosine_sim else dim_head**-1.0
+        self.heads, self.dim_head, self.cosine_sim = heads, dim_head, cosine_sim and not legacy
+        self.scale = dim_head**-0.5 if legacy else cosine_sim_scale if cosine_sim else dim_head**-1.0
+        self.bias_scale = 128.0 if legacy else 1.0
         inner = dim_head * heads
         self.norm = LayerNorm(dim)
         self.null_kv = nn.Parameter(torch.zeros(2, dim_head))
@@ -79,7 +82,7 @@ class NullKVAttention(nn.Module):
             q, k = l2norm(q), l2norm(k)
         k = k[:, None].expand(b, self.heads, n + 1, self.dim_head)
         v = v[:, None].expand(b, self.heads, n + 1, self.dim_head)
-        mask = None if attn_bias is None else attn_bias.to(q.dtype)[None]
+        mask = None if attn_bias is None else (attn_bias * self.bias_scale).to(q.dtype)[None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         out = out.transpose(1, 2).reshape(b, n, -1)
         return self.to_out(out)

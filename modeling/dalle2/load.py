@@ -20,11 +20,10 @@ from pathlib import Path
 import fsspec
 import torch
 
-from .checkpoint import config_section, read_checkpoint, split_checkpoint
+from .checkpoint import checkpoint_version, config_section, read_checkpoint, split_checkpoint
 from .config import File, ModelLoadConfig
-from .convert import decoder_params, downsample_kinds
 from .decoder import Decoder, DecoderParams
-from .models import build_decoder, build_prior, decoder_from_unets
+from .models import build_decoder, build_prior, decoder_from_unets, decoder_params_for
 
 log = logging.getLogger(__name__)
 
@@ -115,21 +114,23 @@ class Stack:
 
     def _section(self, model_file: File, config_file: File | None, kind: str, weights: bool = True):
         if not weights and config_file is not None:  # settings only: skip the (large) weights file
-            return {}, config_section(json.loads(resolve_file(config_file, self.base_dir).read_text()), kind)
-        sd, section, fmt = split_checkpoint(read_checkpoint(resolve_file(model_file, self.base_dir)), kind)
+            return {}, config_section(json.loads(resolve_file(config_file, self.base_dir).read_text()), kind), None
+        obj = read_checkpoint(resolve_file(model_file, self.base_dir))
+        sd, section, fmt = split_checkpoint(obj, kind)
         if section is None:
             if config_file is None:
                 raise ValueError(f"{kind} checkpoint {model_file.path} ({fmt}) has no config: set load_config_from")
             text = resolve_file(config_file, self.base_dir).read_text()
             section = config_section(json.loads(text), kind)
-        return sd, section
+        return sd, section, checkpoint_version(obj)
 
     def prior(self, *, dtype=torch.float32, device="cpu"):
         pc = self.config.prior
         if pc is None:
             raise ValueError("model config has no prior")
-        sd, section = self._section(pc.load_model_from, pc.load_config_from, "prior")
-        return build_prior(section, sd, dtype=dtype, device=device, sample_timesteps=pc.default_sample_timesteps)
+        sd, section, version = self._section(pc.load_model_from, pc.load_config_from, "prior")
+        return build_prior(section, sd, version=version, dtype=dtype, device=device,
+                           sample_timesteps=pc.default_sample_timesteps)
 
     def decoder_params(self) -> DecoderParams:
         """Per-unet settings assembled across unet sources (reads configs, builds nothing)."""
@@ -145,9 +146,10 @@ class Stack:
         per: dict[int, tuple[DecoderParams, int, object]] = {}
         for src in dc.unet_sources:
             mine = [u for u in src.unet_numbers if u in wanted] if not params_only else []
-            sd, section = self._section(src.load_model_from, src.load_config_from, "decoder", weights=bool(mine))
-            p = decoder_params(section, downsample_kinds(sd, len(section["unets"])))
-            model = build_decoder(section, sd, mine, dtype=dtype, device=device) if mine else None
+            sd, section, version = self._section(src.load_model_from, src.load_config_from, "decoder",
+                                                 weights=bool(mine))
+            p = decoder_params_for(section, sd, version)
+            model = build_decoder(section, sd, mine, version=version, dtype=dtype, device=device) if mine else None
             for j, u in enumerate(src.unet_numbers):
                 if u > len(p.unets):
                     raise ValueError(f"unet source {src.load_model_from.path} has {len(p.unets)} unets, not {u}")

@@ -7,7 +7,7 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from .convert import decoder_params, downsample_kinds, prior_params, remap_decoder, remap_prior
+from .convert import decoder_params, downsample_kinds, legacy_numerics, prior_params, remap_decoder, remap_prior
 from .decoder import Decoder, DecoderParams
 from .prior import DiffusionPriorNetwork
 
@@ -28,10 +28,13 @@ def load_strict(model: nn.Module, sd: dict[str, Tensor], what: str, dtype: torch
     return model.to(dtype).eval().requires_grad_(False)
 
 
-def build_prior(section: dict, sd: dict[str, Tensor], *, dtype=torch.float32, device="cpu",
+def build_prior(section: dict, sd: dict[str, Tensor], *, version=None, dtype=torch.float32, device="cpu",
                 sample_timesteps: int | None = None) -> DiffusionPriorNetwork:
-    """section: DiffusionPriorConfig dict; sd: the prior's state dict in the reference layout."""
+    """section: DiffusionPriorConfig dict; sd: the prior's state dict in the reference layout;
+    version: the dalle2-pytorch version the checkpoint names (picks the attention numerics)."""
     p = prior_params(section)
+    old = "net.null_text_embed" in sd and "net.null_text_encodings" not in sd
+    p.legacy_attention = legacy_numerics(version, old)[0]
     sd, trained = remap_prior(sd, p)
     p.guidance_trained = trained
     if sample_timesteps is not None:
@@ -41,11 +44,18 @@ def build_prior(section: dict, sd: dict[str, Tensor], *, dtype=torch.float32, de
     return load_strict(model, sd, "prior", dtype, device)
 
 
-def build_decoder(section: dict, sd: dict[str, Tensor], unet_numbers: list[int] | None = None, *,
+def decoder_params_for(section: dict, sd: dict[str, Tensor], version=None) -> DecoderParams:
+    """Params for a decoder checkpoint: Downsample variant and attention numerics read off it."""
+    kinds = downsample_kinds(sd, len(section["unets"]))
+    old = "conv" in kinds or any(".cross_attn.fn." in k for k in sd)
+    return decoder_params(section, kinds, legacy_numerics(version, old))
+
+
+def build_decoder(section: dict, sd: dict[str, Tensor], unet_numbers: list[int] | None = None, *, version=None,
                   dtype=torch.float32, device="cpu") -> Decoder:
     """Builds only `unet_numbers` (default all); their weights must all be present."""
     n = len(section["unets"])
-    p = decoder_params(section, downsample_kinds(sd, n))
+    p = decoder_params_for(section, sd, version)
     numbers = unet_numbers or list(range(1, n + 1))
     sd = remap_decoder(sd, p, numbers)
     with torch.device("meta"):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .checkpoint import config_section, read_checkpoint, split_checkpoint
+from .checkpoint import checkpoint_version, config_section, read_checkpoint, split_checkpoint
 from .models import build_decoder, build_prior
 from .sampling import replay_noise, sample_decoder, sample_prior
 
@@ -34,13 +34,15 @@ def _find(kit: Path, stem: str) -> Path:
 
 
 def load_kit_model(kit: Path, kind: str):
-    sd, section, _ = split_checkpoint(read_checkpoint(_find(kit, kind)), kind)
+    obj = read_checkpoint(_find(kit, kind))
+    sd, section, _ = split_checkpoint(obj, kind)
     if section is None:
         cfg = kit / f"{kind}_config.json"
         if not cfg.exists():
             raise FileNotFoundError(f"{kit}: {kind} checkpoint has no config and {cfg.name} is missing")
         section = config_section(json.loads(cfg.read_text()), kind)
-    return build_prior(section, sd) if kind == "prior" else build_decoder(section, sd)
+    build = build_prior if kind == "prior" else build_decoder
+    return build(section, sd, version=checkpoint_version(obj))
 
 
 def _inputs(case: dict, tensors: dict) -> dict:

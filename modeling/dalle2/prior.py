@@ -40,6 +40,8 @@ class PriorParams:
     init_image_embed_l2norm: bool = False
     # False for checkpoints older than dalle2-pytorch 1.9 (LAION prior): no null embeddings were trained
     guidance_trained: bool = True
+    # dalle2-pytorch < 1.4.3 attention numerics (LAION prior); set by the loader from version / layout
+    legacy_attention: bool = False
 
     def __post_init__(self):
         if self.image_embed_scale is None:
@@ -95,7 +97,7 @@ class CausalTransformer(nn.Module):
         rot = min(32, p.dim_head) if p.rotary_emb else 0
         self.layers = nn.ModuleList(
             nn.ModuleList([
-                NullKVAttention(p.dim, p.dim_head, p.heads, cosine_sim=True, rotary_dim=rot),
+                NullKVAttention(p.dim, p.dim_head, p.heads, cosine_sim=True, rotary_dim=rot, legacy=p.legacy_attention),
                 feed_forward(p.dim, p.ff_mult, p.normformer),
             ])
             for _ in range(p.depth)

@@ -48,6 +48,8 @@ class UnetParams:
     pixel_shuffle_upsample: bool = True
     final_conv_kernel_size: int = 1
     downsample: str = "unshuffle"  # "unshuffle" (>= 1.10) or "conv" (Conv2d k4 s2, LAION releases)
+    legacy_attention: bool = False  # self-attention as dalle2-pytorch < 1.4.3 (q.k / sqrt(d))
+    legacy_linear_attention: bool = False  # linear attention as dalle2-pytorch < 1.4.0 (no v l2norm / 1/sqrt(n))
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
