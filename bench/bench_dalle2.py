@@ -34,7 +34,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def build(args, device, dtype):
     prior_cfg, dec_cfg = (TINY_PRIOR, TINY_DECODER) if args.tiny else (LAION_PRIOR, LAION_DECODER_V102)
     pp = prior_params(prior_cfg)
-    dp = decoder_params(dec_cfg, None if args.tiny else ["conv"])  # the release uses Conv2d downsampling
+    # the LAION release: Conv2d downsampling and dalle2-pytorch ~1.1 attention numerics
+    dp = decoder_params(dec_cfg, None if args.tiny else ["conv"], (False, False) if args.tiny else (True, True))
+    pp.legacy_attention = not args.tiny
     with torch.device(device):
         torch.manual_seed(0)
         prior = DiffusionPriorNetwork(pp)
