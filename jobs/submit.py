@@ -18,6 +18,7 @@ from pipeline.spec import JobSpec
 SHIPPED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
 EXCLUDES = [".git", ".venv", ".device", ".whl", "demo-output", "**/__pycache__", "*.egg-info"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+AGENT_WAIT_SECONDS = 60
 
 
 def entrypoint(spec: JobSpec, new_run: bool) -> str:
@@ -30,11 +31,20 @@ def submit(spec: JobSpec, *, address: str, working_dir: str, new_run: bool = Fal
 
     client = JobSubmissionClient(address)
     env = {k: os.environ[k] for k in SHIPPED_ENV if k in os.environ}
-    job_id = client.submit_job(
-        entrypoint=entrypoint(spec, new_run),
-        runtime_env={"working_dir": working_dir, "excludes": EXCLUDES, "env_vars": env},
-        metadata={"genfleet_output": spec.output, "genfleet_family": spec.family},
-    )
+    deadline = time.time() + AGENT_WAIT_SECONDS
+    while True:
+        try:
+            job_id = client.submit_job(
+                entrypoint=entrypoint(spec, new_run),
+                runtime_env={"working_dir": working_dir, "excludes": EXCLUDES, "env_vars": env},
+                metadata={"genfleet_output": spec.output, "genfleet_family": spec.family},
+            )
+            break
+        except RuntimeError as e:
+            # a head that has just started has no job agent yet: a bounded wait, nothing else
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(2)
     if wait:
         while (state := str(client.get_job_status(job_id)).rsplit(".", 1)[-1]) not in TERMINAL:
             time.sleep(2)
