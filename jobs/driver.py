@@ -139,7 +139,8 @@ def run_job(spec: JobSpec, *, new_run: bool = False, interactive: bool | None = 
                           image_format=spec.output_options.image_format, webdataset=spec.output_options.webdataset,
                           extra_schema=pa.schema([manifest.schema.field(n) for n in manifest.extra_columns]))
     connect(spec)
-    DataContext.get_current().enable_progress_bars = False
+    DataContext.get_current().enable_progress_bars = False  # genfleet shows its own progress
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     ds, sink = build_dataset(spec, stages, manifest, plan, committed, sink_cfg)
 
     watcher = CommitWatcher(spec.output, commits)
