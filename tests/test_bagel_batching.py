@@ -106,3 +106,14 @@ def test_chunked_prefill_and_shared_contexts(tiny, monkeypatch):
         assert float((a - b).norm() / b.norm()) <= 1e-4
     ctx = S.Contexts(model, [c for r in rows for c in S.image_contexts(r).values()], special, share=True)
     assert ctx.cache.k[0].shape[0] < 3 * len(rows)  # empty and repeated contexts share cache rows
+
+
+def test_split_attention_equals_masked_in_denoise(tiny):
+    model, tok, special = tiny
+    rows = _rows(model, tok)
+    split = S.denoise(model, rows, special, attention="split")
+    masked = S.denoise(model, rows, special, attention="masked")
+    for a, b in zip(split, masked):
+        assert float((a - b).norm() / b.norm()) <= 1e-5
+    with pytest.raises(ValueError, match="attention"):
+        S.denoise(model, rows, special, attention="flash")

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from modeling.bagel.attn import SplitGroup, split_attention, split_groups
+
 try:  # optional fast path
     from flash_attn import flash_attn_varlen_func
 except ImportError:  # pragma: no cover - not installed on CPU boxes
@@ -72,6 +74,7 @@ class Plan:
     write_rows: Tensor | None  # [N] cache row per token when the forward writes the cache
     write_slots: Tensor | None  # [N] cache slot per token
     key_index: Tensor | None = None  # [sum(ctx+q)] flat index into [S * (Lc + Lq)] (flash)
+    groups: list[SplitGroup] | None = None  # split attention (see attn.py), by sequence length
 
     @property
     def n_seq(self) -> int:
@@ -94,10 +97,13 @@ def make_plan(
     blocks: Tensor | None = None,
     causal: bool = False,
     write: bool = False,
+    split: bool = False,
     device=None,
 ) -> Plan:
     """blocks: [N] image-block id per token (-1 = text): a token sees earlier tokens
-    (causal) and every token of its own block; None means all-full or all-causal."""
+    (causal) and every token of its own block; None means all-full or all-causal.
+    split: full attention over a read-only cache, computed as context part + own part
+    merged by log-sum-exp (attn.py), so the own part needs no mask."""
     S = len(seq_lens)
     ctx_lens = list(ctx_lens) if ctx_lens is not None else [0] * S
     lq, lc = max(seq_lens), max(ctx_lens)
@@ -146,7 +152,12 @@ def make_plan(
             for s, (c, q) in enumerate(zip(ctx_lens, seq_lens))
         ]
         key_index = torch.cat(parts)
-    return Plan(seq_lens, ctx_lens, rows_t, kind, pad_index, mask, write_rows, write_slots, key_index)
+    groups = None
+    if split:
+        if kind != "full" or write or rows is None:
+            raise ValueError("split attention needs full attention over a read-only cache")
+        groups = split_groups(seq_lens, ctx_lens, rows, device)
+    return Plan(seq_lens, ctx_lens, rows_t, kind, pad_index, mask, write_rows, write_slots, key_index, groups)
 
 
 def _to_padded(x: Tensor, plan: Plan) -> Tensor:
@@ -159,6 +170,9 @@ def _to_padded(x: Tensor, plan: Plan) -> Tensor:
 def attention(q: Tensor, k: Tensor, v: Tensor, plan: Plan, cache: KVCache | None = None, layer: int = 0) -> Tensor:
     """q: [N, H, D], k/v: [N, Hkv, D] packed (RoPE applied) -> [N, H * D]."""
     N, H, D = q.shape
+    fast_varlen = plan.key_index is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    if plan.groups is not None and cache is not None and not fast_varlen:
+        return split_attention(q, k, v, plan.groups, cache, layer)
     kp, vp = _to_padded(k, plan), _to_padded(v, plan)
     if cache is not None and plan.lc > 0:
         kc = cache.k[layer][plan.rows, : plan.lc]
@@ -169,7 +183,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, plan: Plan, cache: KVCache | None
     if plan.write_rows is not None:
         cache.k[layer][plan.write_rows, plan.write_slots] = k
         cache.v[layer][plan.write_rows, plan.write_slots] = v
-    if plan.key_index is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    if fast_varlen:
         lens_k = [c + s for c, s in zip(plan.ctx_lens, plan.seq_lens)]
         cu_q = F.pad(torch.cumsum(torch.tensor(plan.seq_lens, device=q.device), 0), (1, 0)).int()
         cu_k = F.pad(torch.cumsum(torch.tensor(lens_k, device=q.device), 0), (1, 0)).int()

@@ -123,8 +123,12 @@ def _branches(p: ImageParams, t: Tensor) -> list[str]:
 
 
 @torch.inference_mode()
-def denoise(model: Bagel, rows: list[ImageRow], special: SpecialTokens) -> list[Tensor]:
-    """Run every row's Euler loop together; returns each row's final packed latents [n, C]."""
+def denoise(model: Bagel, rows: list[ImageRow], special: SpecialTokens, attention: str = "split") -> list[Tensor]:
+    """Run every row's Euler loop together; returns each row's final packed latents [n, C].
+    attention: "split" (context and image attention merged by log-sum-exp; the image part
+    runs unmasked) or "masked" (one key-masked attention over context + image)."""
+    if attention not in ("split", "masked"):
+        raise ValueError(f"attention must be split or masked, got {attention!r}")
     dev, P = model.vae2llm.weight.device, model.params
     grids = [latent_grid(model, r.height, r.width) for r in rows]
     for r, (h, w) in zip(rows, grids):
@@ -158,7 +162,8 @@ def denoise(model: Bagel, rows: list[ImageRow], special: SpecialTokens) -> list[
         key = (tuple(lens), tuple(cids))
         if key not in plans:  # the batch's shape changes only when a row's CFG turns on/off or it ends
             plans.clear()
-            plan = make_plan(lens, ctx_lens=[ctx.lens[c] for c in cids], rows=[ctx.row[c] for c in cids], device=dev)
+            plan = make_plan(lens, ctx_lens=[ctx.lens[c] for c in cids], rows=[ctx.row[c] for c in cids],
+                             split=attention == "split", device=dev)
             pos = torch.cat([torch.full((n,), ctx.rope[c], device=dev) for n, c in zip(lens, cids)])
             gen = torch.ones(sum(lens), dtype=torch.bool, device=dev)
             ends_at = torch.tensor(lens, device=dev).cumsum(0)

@@ -1,0 +1,175 @@
+"""Split attention for the denoising forward: image queries over (a) the row's cached
+context and (b) the image's own tokens, merged exactly by log-sum-exp.
+
+Softmax over the union of two key sets is the LSE-weighted mix of the two partial
+softmaxes: out = out_b + sigmoid(lse_a - lse_b) * (out_a - out_b). Part (b) has the same
+length for every sequence of one image size, so it runs unmasked (flash kernel on CUDA);
+only the short part (a) pads the rows' contexts and needs a key mask.
+
+`sdpa_lse` returns (out, lse) from the CUDA flash / memory-efficient kernels through
+their aten ops, or from a chunked float32 math fallback (CPU, or when a kernel fails its
+one-time self-check against the math on this device).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+MATH_CHUNK_BYTES = 1 << 30  # score memory per chunk of queries in the math fallback
+_VERIFIED: dict[tuple, bool] = {}
+
+
+def math_lse(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """q: [B, H, Lq, D], k/v: [B, Hkv, Lk, D], key_mask: [B, Lk] bool (True = attend).
+    Returns out [B, H, Lq, D] (q's dtype) and lse [B, H, Lq] float32."""
+    B, H, Lq, D = q.shape
+    g = H // k.shape[1]
+    kf = k.float().repeat_interleave(g, 1) if g > 1 else k.float()
+    vf = v.float().repeat_interleave(g, 1) if g > 1 else v.float()
+    chunk = max(1, MATH_CHUNK_BYTES // max(1, 4 * B * H * k.shape[2]))
+    outs, lses = [], []
+    for i in range(0, Lq, chunk):
+        s = (q[:, :, i : i + chunk].float() @ kf.transpose(-1, -2)) * D**-0.5
+        if key_mask is not None:
+            s = s.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - lse[..., None]).nan_to_num_(0.0)  # fully masked rows: no weight
+        outs.append((p @ vf).to(q.dtype))
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def _flash(q, k, v, key_mask):
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)[:2]
+    return out, lse
+
+
+def _flash_expanded(q, k, v, key_mask):
+    g = q.shape[1] // k.shape[1]
+    return _flash(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), key_mask)
+
+
+def _efficient(q, k, v, key_mask):
+    g = q.shape[1] // k.shape[1]
+    if g > 1:  # the memory-efficient kernel has no GQA
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    bias = None
+    if key_mask is not None:
+        pad = -k.shape[2] % 16  # the kernel wants an aligned bias row
+        if pad:
+            k = torch.nn.functional.pad(k, (0, 0, 0, pad))
+            v = torch.nn.functional.pad(v, (0, 0, 0, pad))
+            key_mask = torch.nn.functional.pad(key_mask, (0, pad), value=False)
+        bias = torch.zeros(key_mask.shape, device=q.device, dtype=q.dtype).masked_fill(~key_mask, float("-inf"))
+        bias = bias[:, None, None, :].expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, False)[:2]
+    return out, lse[..., : q.shape[2]]
+
+
+KERNELS = {"flash": _flash, "flash_expanded": _flash_expanded, "efficient": _efficient}
+
+
+def _works(name: str, q: Tensor, k: Tensor, masked: bool) -> bool:
+    """Run kernel `name` once on small random inputs shaped like (q, k) and compare with the math."""
+    key = (name, q.device.type, q.dtype, q.shape[1], k.shape[1], q.shape[3], masked)
+    if key not in _VERIFIED:
+        g = torch.Generator(device=q.device).manual_seed(0)
+        rnd = lambda *s: torch.randn(*s, device=q.device, generator=g).to(q.dtype)  # noqa: E731
+        tq, tk, tv = rnd(2, q.shape[1], 37, q.shape[3]), rnd(2, k.shape[1], 70, q.shape[3]), rnd(2, k.shape[1], 70, q.shape[3])
+        mask = torch.arange(70, device=q.device)[None, :] < torch.tensor([[70], [23]], device=q.device) if masked else None
+        try:
+            out, lse = KERNELS[name](tq, tk, tv, mask)
+            ref, ref_lse = math_lse(tq, tk, tv, mask)
+            tol = 1e-4 if q.dtype == torch.float32 else 3e-2
+            ok = bool(((out.float() - ref.float()).abs().max() <= tol) & ((lse.float() - ref_lse).abs().max() <= tol))
+            why = "" if ok else "results differ from the math"
+        except Exception as e:  # noqa: BLE001 - any failure means: do not use this kernel here
+            ok, why = False, f"{type(e).__name__}: {e}"
+        if not ok:
+            log.warning("attention kernel %s unusable for %s: %s", name, key[1:], why)
+        _VERIFIED[key] = ok
+    return _VERIFIED[key]
+
+
+def sdpa_lse(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Attention with its log-sum-exp: q [B, H, Lq, D], k/v [B, Hkv, Lk, D], key_mask [B, Lk]."""
+    if q.is_cuda:
+        names = ["efficient"]
+        if key_mask is None and q.dtype in (torch.float16, torch.bfloat16):
+            names = ["flash", "flash_expanded", "efficient"]
+        for name in names:
+            if _works(name, q, k, key_mask is not None):
+                return KERNELS[name](q, k, v, key_mask)
+    return math_lse(q, k, v, key_mask)
+
+
+def kernels_checked() -> dict[str, bool]:
+    """Which kernels passed their self-check so far (for logs and benchmarks)."""
+    return {f"{k[0]}({str(k[2]).removeprefix('torch.')}, masked={k[6]})": ok for k, ok in _VERIFIED.items()}
+
+
+def merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
+    """Softmax over the union of two key sets from the two partial results ([B, H, L, D], [B, H, L])."""
+    w = torch.sigmoid(lse_a - lse_b)[..., None]
+    return (out_b.float() + w * (out_a.float() - out_b.float())).to(out_b.dtype)
+
+
+@dataclass
+class SplitGroup:
+    """Sequences of one length L: their tokens, and those of them that have a context."""
+
+    L: int
+    tok_index: Tensor | None  # [G * L] packed index of the group's tokens (None: all tokens, in order)
+    sub: Tensor | None  # [G'] positions in the group of sequences with a context (None: none)
+    rows: Tensor | None  # [G'] their cache rows
+    lc: int  # longest of their contexts
+    ctx_mask: Tensor | None  # [G', lc] bool, None when all G' contexts have length lc
+
+
+def split_groups(seq_lens: list[int], ctx_lens: list[int], rows: list[int], device) -> list[SplitGroup]:
+    starts = [sum(seq_lens[:i]) for i in range(len(seq_lens))]
+    by_len: dict[int, list[int]] = {}
+    for s, n in enumerate(seq_lens):
+        by_len.setdefault(n, []).append(s)
+    groups = []
+    for L, seqs in by_len.items():
+        tok = None
+        if len(by_len) > 1:
+            tok = torch.cat([torch.arange(starts[s], starts[s] + L, device=device) for s in seqs])
+        sub = [j for j, s in enumerate(seqs) if ctx_lens[s] > 0]
+        lens = [ctx_lens[seqs[j]] for j in sub]
+        lc = max(lens, default=0)
+        mask = None
+        if len(set(lens)) > 1:
+            mask = torch.arange(lc, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
+        t = lambda x: torch.tensor(x, device=device) if sub else None  # noqa: E731
+        groups.append(SplitGroup(L, tok, t(sub), t([rows[seqs[j]] for j in sub]), lc, mask))
+    return groups
+
+
+def split_attention(q: Tensor, k: Tensor, v: Tensor, groups: list[SplitGroup], cache, layer: int) -> Tensor:
+    """q: [N, H, D], k/v: [N, Hkv, D] packed image sequences (each attends to its cached
+    context, then bidirectionally to itself) -> [N, H * D]."""
+    N, H, D = q.shape
+    out = None if len(groups) == 1 and groups[0].tok_index is None else q.new_empty(N, H * D)
+    for g in groups:
+        pick = (lambda x: x.view(-1, g.L, *x.shape[1:])) if g.tok_index is None else (
+            lambda x: x[g.tok_index].view(-1, g.L, *x.shape[1:]))
+        qg, kg, vg = (pick(x).transpose(1, 2) for x in (q, k, v))  # [G, H(kv), L, D]
+        ob, lse_b = sdpa_lse(qg, kg, vg)
+        if g.sub is not None:
+            kc = cache.k[layer][g.rows, : g.lc].transpose(1, 2)
+            vc = cache.v[layer][g.rows, : g.lc].transpose(1, 2)
+            oa, lse_a = sdpa_lse(qg[g.sub], kc, vc, g.ctx_mask)
+            merged = merge(oa, lse_a, ob[g.sub], lse_b[g.sub])
+            ob = merged if merged.shape[0] == ob.shape[0] else ob.index_copy(0, g.sub, merged)
+        og = ob.transpose(1, 2).reshape(-1, H * D)
+        if out is None:
+            return og
+        out[g.tok_index] = og
+    return out

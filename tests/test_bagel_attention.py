@@ -1,0 +1,66 @@
+"""Split attention (context part + own part merged by log-sum-exp) equals the masked one."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modeling.bagel import attn
+from modeling.bagel.layers import KVCache, attention, make_plan
+
+
+def _case(seq_lens, ctx_lens, rows, H=4, Hkv=2, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n_rows = max(rows) + 1
+    cache = KVCache(1, n_rows, max(ctx_lens) + 3, Hkv, D, "cpu", torch.float32)
+    cache.k[0].normal_(generator=g)
+    cache.v[0].normal_(generator=g)
+    N = sum(seq_lens)
+    q = torch.randn(N, H, D, generator=g)
+    k, v = torch.randn(N, Hkv, D, generator=g), torch.randn(N, Hkv, D, generator=g)
+    return q, k, v, cache
+
+
+@pytest.mark.parametrize(
+    "seq_lens, ctx_lens, rows",
+    [
+        ([10, 10, 10, 10], [7, 0, 3, 7], [0, 1, 2, 0]),  # one size; an empty context (t2i CFG-text)
+        ([10, 26, 10, 26, 5], [4, 4, 9, 0, 12], [0, 0, 1, 2, 3]),  # mixed sizes, shared rows
+        ([8, 8], [5, 5], [0, 1]),  # equal contexts: no mask at all
+        ([6, 6], [0, 0], [0, 0]),  # no context anywhere
+    ],
+)
+def test_split_equals_masked(seq_lens, ctx_lens, rows):
+    q, k, v, cache = _case(seq_lens, ctx_lens, rows)
+    masked = make_plan(seq_lens, ctx_lens=ctx_lens, rows=rows)
+    split = make_plan(seq_lens, ctx_lens=ctx_lens, rows=rows, split=True)
+    assert split.groups is not None and masked.groups is None
+    want = attention(q, k, v, masked, cache, 0)
+    got = attention(q, k, v, split, cache, 0)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # and both equal attention over each sequence's explicit key list
+    start = 0
+    for n, c, r in zip(seq_lens, ctx_lens, rows):
+        kk = torch.cat([cache.k[0][r, :c], k[start:start + n]]).repeat_interleave(2, 1)
+        vv = torch.cat([cache.v[0][r, :c], v[start:start + n]]).repeat_interleave(2, 1)
+        ref = F.scaled_dot_product_attention(q[start:start + n].transpose(0, 1), kk.transpose(0, 1), vv.transpose(0, 1))
+        torch.testing.assert_close(got[start:start + n], ref.transpose(0, 1).reshape(n, -1), atol=1e-5, rtol=1e-5)
+        start += n
+
+
+def test_math_lse_matches_sdpa_and_logsumexp(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(3, 4, 9, 8, generator=g), torch.randn(3, 2, 13, 8, generator=g), torch.randn(3, 2, 13, 8, generator=g)
+    mask = torch.arange(13)[None] < torch.tensor([[13], [5], [1]])
+    monkeypatch.setattr(attn, "MATH_CHUNK_BYTES", 4 * 3 * 4 * 13 * 2)  # two queries per chunk
+    out, lse = attn.math_lse(q, k, v, mask)
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    ref = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask[:, None, None, :])
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    s = (q @ kk.transpose(-1, -2)) / 8**0.5
+    torch.testing.assert_close(lse, torch.logsumexp(s.masked_fill(~mask[:, None, None], float("-inf")), -1))
+
+
+def test_split_plan_refuses_cache_writes():
+    with pytest.raises(ValueError, match="split attention"):
+        make_plan([3, 3], ctx_lens=[1, 2], rows=[0, 1], split=True, write=True)
