@@ -5,15 +5,20 @@ Tasks: t2i, edit, understand. Stages, in order (each builds only what it needs):
     vae_encode  GPU   edit rows: input pixels -> clean latents (posterior sample, per-row seed)
     lmm         GPU   contexts + batched CFG denoising (t2i/edit), or text decoding (understand)
     vae_decode  GPU   latents -> pixels; option emit_latents=true adds embeddings["bagel_latent"]
-`combined_stages()` gives [prepare, generate] with the three GPU stages on one actor.
-Stage options: vae_transform / vit_transform ([max, min, stride], prepare), emit_latents
-(vae_decode / generate), vae_dtype (VAE stages / generate; default: the stage dtype --
-float32 is what the reference app uses for the VAE). Edit outputs take the input's
-resized size (row width/height are ignored); t2i sizes must be multiples of 16, <= 1024.
+To run the GPU stages on one actor, co-locate them in the job spec
+(`stages: {lmm: {colocate: true}, vae_decode: {colocate: true}}`): co-located VAE stages
+with the same device and vae_dtype share one AE.
+Stage options: vae_transform / vit_transform ([max, min, stride], prepare); emit_latents
+(vae_decode); vae_dtype (VAE stages; default: the stage dtype -- float32 is what the
+reference app uses for the VAE); lmm: quantize (nf4 | int8, bitsandbytes on CUDA),
+attention (split | masked, see modeling/bagel/layers.py), compile (bool).
+Edit outputs take the input's resized size (row width/height are ignored); t2i sizes
+must be multiples of 16, <= 1024.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -147,7 +152,7 @@ def _encode(ae, rows: list[Row]) -> list[Row]:
     return outs
 
 
-def _lmm(model, tok, special, rows: list[Row]) -> list[Row]:
+def _lmm(model, tok, special, rows: list[Row], attention: str = "split") -> list[Row]:
     from modeling.bagel import sampling as S
 
     outs: list[Row] = [{} for _ in rows]
@@ -168,7 +173,7 @@ def _lmm(model, tok, special, rows: list[Row]) -> list[Row]:
         lat = torch.from_numpy(np.asarray(r["bagel_vae_latent"])) if r["task"] == "edit" else None
         img.append((i, S.ImageRow(r["bagel_prompt_ids"], h, w, noise, ip, lat, vit, grid)))
     if img:
-        for (i, _), x in zip(img, S.denoise(model, [row for _, row in img], special)):
+        for (i, _), x in zip(img, S.denoise(model, [row for _, row in img], special, attention=attention)):
             outs[i]["bagel_latent"] = _to_np(x)
     if txt:
         for (i, _), ids in zip(txt, S.generate_text(model, [row for _, row in txt], special)):
@@ -195,53 +200,53 @@ def _decode(ae, model_params, rows: list[Row], emit: bool) -> list[Row]:
     return outs
 
 
-def _load_ae(ctx: StageContext):
+@functools.lru_cache(maxsize=2)
+def _ae(model_path: str, device: str, dtype: str):
+    """One AE per (model, device, dtype) in this process: co-located VAE stages share it."""
     from modeling.bagel.load import load_ae
 
-    return load_ae(ctx.model_path, ctx.device, _dtype(ctx.options.get("vae_dtype", ctx.dtype)))
+    return load_ae(model_path, device, _dtype(dtype))
 
 
-def build_vae_encode(ctx: StageContext, ae=None) -> BatchFn:
-    ae = ae if ae is not None else _load_ae(ctx)
+def _load_ae(ctx: StageContext):
+    return _ae(ctx.model_path, ctx.device, ctx.options.get("vae_dtype", ctx.dtype))
+
+
+def build_vae_encode(ctx: StageContext) -> BatchFn:
+    ae = _load_ae(ctx)
     return lambda rows: _encode(ae, rows)
 
 
 def build_lmm(ctx: StageContext) -> BatchFn:
     from modeling.bagel.load import load_bagel, load_tokenizer
+    from modeling.bagel.quant import check_quantize, quantize_llm
 
+    quant = ctx.options.get("quantize")
+    check_quantize(quant, ctx.device)  # before the weights load
+    attn = ctx.options.get("attention", "split")
+    if attn not in ("split", "masked"):
+        raise ValueError(f"lmm option attention must be split or masked, got {attn!r}")
     tok, special = load_tokenizer(ctx.model_path)
-    model = load_bagel(ctx.model_path, ctx.device, _dtype(ctx.dtype))
-    return lambda rows: _lmm(model, tok, special, rows)
+    model = load_bagel(ctx.model_path, "cpu" if quant else ctx.device, _dtype(ctx.dtype))
+    if quant:
+        model = quantize_llm(model, quant, ctx.device)
+    if ctx.options.get("compile"):
+        model.compile_blocks()
+    return lambda rows: _lmm(model, tok, special, rows, attn)
 
 
-def build_vae_decode(ctx: StageContext, ae=None) -> BatchFn:
+def build_vae_decode(ctx: StageContext) -> BatchFn:
     from modeling.bagel.load import bagel_params
 
-    ae, p = ae if ae is not None else _load_ae(ctx), bagel_params(ctx.model_path)
+    ae, p = _load_ae(ctx), bagel_params(ctx.model_path)
     emit = bool(ctx.options.get("emit_latents", False))
     return lambda rows: _decode(ae, p, rows, emit)
-
-
-def build_generate(ctx: StageContext) -> BatchFn:
-    """vae_encode + lmm + vae_decode on one actor (one AE shared by encode and decode)."""
-    ae = _load_ae(ctx)
-    enc, lmm, dec = build_vae_encode(ctx, ae), build_lmm(ctx), build_vae_decode(ctx, ae)
-
-    def run(rows: list[Row]) -> list[Row]:
-        e = enc(rows)
-        rows = [{**r, **o} for r, o in zip(rows, e)]
-        m = lmm(rows)
-        d = dec([{**r, **o} for r, o in zip(rows, m)])
-        return [{**eo, **mo, **do} for eo, mo, do in zip(e, m, d)]
-
-    return run
 
 
 PREPARE = StageSpec("prepare", build_prepare, uses_gpu=False, default_batch_size=8)
 VAE_ENCODE = StageSpec("vae_encode", build_vae_encode, default_batch_size=4)
 LMM = StageSpec("lmm", build_lmm, default_batch_size=4)
 VAE_DECODE = StageSpec("vae_decode", build_vae_decode, default_batch_size=4)
-GENERATE = StageSpec("generate", build_generate, default_batch_size=4)
 
 
 class BagelFamily:
@@ -250,9 +255,6 @@ class BagelFamily:
 
     def stages(self, model_path: str | None = None) -> list[StageSpec]:
         return [PREPARE, VAE_ENCODE, LMM, VAE_DECODE]
-
-    def combined_stages(self) -> list[StageSpec]:
-        return [PREPARE, GENERATE]
 
     def params_for(self, task: str, overrides: dict[str, Any]) -> dict[str, Any]:
         if task not in DEFAULTS:
