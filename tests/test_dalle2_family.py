@@ -98,6 +98,10 @@ def test_params_validation(stack):
     with pytest.raises(RowError) as e:
         _run(fns, [_row("variation", 1)])
     assert e.value.kind == "missing_input"
+    with pytest.raises(RowError, match="makes 32x32"):
+        _run(fns, [{**_row("t2i", 1), "width": 64}])
+    with pytest.raises(RowError, match="negative_prompt"):
+        _run(fns, [{**_row("t2i", 1), "negative_prompt": "blurry"}])
 
 
 def test_fingerprint_tracks_configs(stack, tmp_path):
