@@ -3,6 +3,14 @@
     python bench/bench_bagel.py                       # 512^2 and 1024^2, batch 1/4/8, 50 steps, + one edit
     python bench/bench_bagel.py --tiny                # tiny model on CPU (smoke test)
     python bench/bench_bagel.py --sizes 1024 --batch-sizes 8 --steps 10
+    python bench/bench_bagel.py --sizes 1024 --batch-sizes 8 --attention masked split --no-edit --compare
+                                                      # old (masked) vs new (split) attention, same run
+
+--attention: "split" (default: context and image attention merged by log-sum-exp, the
+image part unmasked) or "masked" (the earlier single key-masked attention); several
+modes run one after another on the same weights. --compile: torch.compile the LLM layers'
+norms, RoPE and MLPs. --compare: before timing, the relative L2 distance between the
+final latents of each mode and the first one (largest size, batch 2, <= 10 steps).
 
 Each row of a batch has its own prompt and noise; sampler settings are the reference
 notebook's (t2i: cfg_text 4, cfg_img 1, interval [0.4, 1], global renorm, shift 3; edit:
@@ -21,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modeling.bagel import sampling as S  # noqa: E402
+from modeling.bagel import attn, sampling as S  # noqa: E402
 from modeling.bagel.autoencoder import AutoEncoder, AutoEncoderParams  # noqa: E402
 from modeling.bagel.load import SpecialTokens  # noqa: E402
 from modeling.bagel.model import PRESETS, Bagel, sincos_2d  # noqa: E402
@@ -68,17 +76,29 @@ def prompts(model: Bagel, n: int, seed: int) -> list[list[int]]:
     return [torch.randint(10, vocab, (int(torch.randint(12, 40, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
 
 
-def run_t2i(model, ae, size: int, batch: int, steps: int, seed: int = 0) -> None:
-    rows = [
+def t2i_rows(model, size: int, batch: int, steps: int, seed: int = 0) -> list:
+    return [
         S.ImageRow(ids, size, size, S.get_noise(model, size, size, torch.Generator().manual_seed(seed + i)),
                    S.replace(S.T2I_DEFAULTS, num_timesteps=steps))
         for i, ids in enumerate(prompts(model, batch, seed))
     ]
-    for x in S.denoise(model, rows, SPECIAL):
+
+
+def run_t2i(model, ae, size: int, batch: int, steps: int, attention: str = "split", seed: int = 0) -> None:
+    for x in S.denoise(model, t2i_rows(model, size, batch, steps, seed), SPECIAL, attention=attention):
         S.decode_to_uint8(ae, S.unpack_latent(model, x, size, size))
 
 
-def run_edit(model, ae, size: int, steps: int, vae_rule: ResizeRule, vit_rule: ResizeRule) -> None:
+def compare(model, modes: list[str], size: int, steps: int) -> None:
+    rows = t2i_rows(model, size, 2, steps, seed=5)
+    ref = S.denoise(model, rows, SPECIAL, attention=modes[0])
+    for mode in modes[1:]:
+        got = S.denoise(model, rows, SPECIAL, attention=mode)
+        rel = max(float((a - b).norm() / b.norm()) for a, b in zip(got, ref))
+        print(f"# {mode} vs {modes[0]}: final latents rel L2 {rel:.2e} ({size}², batch 2, {steps} steps)", flush=True)
+
+
+def run_edit(model, ae, size: int, steps: int, vae_rule: ResizeRule, vit_rule: ResizeRule, attention: str = "split") -> None:
     from PIL import Image
 
     img = Image.effect_noise((size, size), 64).convert("RGB")
@@ -89,7 +109,7 @@ def run_edit(model, ae, size: int, steps: int, vae_rule: ResizeRule, vit_rule: R
     H, W = prep.vae_pixels.shape[-2:]
     row = S.ImageRow(prompts(model, 1, 99)[0], H, W, S.get_noise(model, H, W, torch.Generator().manual_seed(0)),
                      S.replace(S.EDIT_DEFAULTS, num_timesteps=steps), lat, prep.vit_patches, prep.vit_grid)
-    (x,) = S.denoise(model, [row], SPECIAL)
+    (x,) = S.denoise(model, [row], SPECIAL, attention=attention)
     S.decode_to_uint8(ae, S.unpack_latent(model, x, H, W))
 
 
@@ -116,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--no-edit", action="store_true")
+    ap.add_argument("--attention", nargs="+", default=["split"], choices=["split", "masked"])
+    ap.add_argument("--compile", action="store_true", help="torch.compile the LLM layers' norms, RoPE and MLPs")
+    ap.add_argument("--compare", action="store_true", help="print how far each --attention mode's latents are from the first's")
     args = ap.parse_args(argv)
     device = args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = getattr(torch, args.dtype or ("float32" if args.tiny else "bfloat16"))
@@ -126,24 +149,31 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     model, ae = build(args.tiny, device, dtype, getattr(torch, args.vae_dtype))
+    if args.compile:
+        model.compile_blocks()
     sync(device)
     name = "tiny" if args.tiny else "BAGEL-7B-MoT (random weights)"
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
-    print(f"# {name}, {dtype}, VAE {args.vae_dtype}, {gpu}; built in {time.perf_counter() - t0:.1f}s; {steps} steps\n")
-    print("| task | size | batch | s/batch | s/image | images/hour | ms/step (batch) | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|")
-    for size in sizes:
-        run_t2i(model, ae, size, 1, 2)  # warm-up (kernels, allocator)
-        for b in batches:
-            dt, peak = measure(lambda: run_t2i(model, ae, size, b, steps), device)
-            print(f"| t2i | {size}² | {b} | {dt:.2f} | {dt / b:.2f} | {3600 * b / dt:.0f} | {1000 * dt / (steps - 1):.0f} "
-                  f"| {peak:.1f} |", flush=True)
-    if not args.no_edit:
-        size = max(sizes)
-        run_edit(model, ae, size, 2, vae_rule, vit_rule)
-        dt, peak = measure(lambda: run_edit(model, ae, size, steps, vae_rule, vit_rule), device)
-        print(f"| edit | {size}² in | 1 | {dt:.2f} | {dt:.2f} | {3600 / dt:.0f} | {1000 * dt / (steps - 1):.0f} "
-              f"| {peak:.1f} |", flush=True)
+    print(f"# {name}, {dtype}, VAE {args.vae_dtype}, {gpu}; built in {time.perf_counter() - t0:.1f}s; {steps} steps"
+          f"{'; compiled norms/RoPE/MLPs' if args.compile else ''}\n")
+    if args.compare:
+        compare(model, args.attention, max(sizes), min(steps, 10))
+    print("| task | size | batch | s/batch | s/image | images/hour | ms/step (batch) | peak GiB | attention |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for mode in args.attention:
+        for size in sizes:
+            run_t2i(model, ae, size, 1, 2, mode)  # warm-up (kernels, allocator, compiled graphs)
+            for b in batches:
+                dt, peak = measure(lambda: run_t2i(model, ae, size, b, steps, mode), device)
+                print(f"| t2i | {size}² | {b} | {dt:.2f} | {dt / b:.2f} | {3600 * b / dt:.0f} | {1000 * dt / (steps - 1):.0f} "
+                      f"| {peak:.1f} | {mode} |", flush=True)
+        if not args.no_edit:
+            size = max(sizes)
+            run_edit(model, ae, size, 2, vae_rule, vit_rule, mode)
+            dt, peak = measure(lambda: run_edit(model, ae, size, steps, vae_rule, vit_rule, mode), device)
+            print(f"| edit | {size}² in | 1 | {dt:.2f} | {dt:.2f} | {3600 / dt:.0f} | {1000 * dt / (steps - 1):.0f} "
+                  f"| {peak:.1f} | {mode} |", flush=True)
+    print(f"\n# attention kernels (self-checked against the math): {attn.kernels_checked() or 'none used (CPU: math)'}")
     return 0
 
 

@@ -117,3 +117,15 @@ def test_split_attention_equals_masked_in_denoise(tiny):
         assert float((a - b).norm() / b.norm()) <= 1e-5
     with pytest.raises(ValueError, match="attention"):
         S.denoise(model, rows, special, attention="flash")
+
+
+def test_compiled_blocks_give_the_same_latents(tmp_path):
+    d = write_tiny(tmp_path / "tiny", seed=3)
+    tok, special = load_tokenizer(d)
+    model = load_bagel(d)
+    rows = _rows(model, tok)[:2]
+    want = S.denoise(model, rows, special)
+    model.compile_blocks()
+    got = S.denoise(model, rows, special)
+    for a, b in zip(got, want):
+        assert float((a - b).norm() / b.norm()) <= 1e-5

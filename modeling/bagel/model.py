@@ -92,6 +92,7 @@ class MoTAttention(nn.Module):
         super().__init__()
         D, hd, H, Hkv = p.hidden_size, p.head_dim, p.num_heads, p.num_kv_heads
         self.n_heads, self.n_kv, self.head_dim, self.theta = H, Hkv, hd, p.rope_theta
+        self.rope = apply_rope  # Bagel.compile_blocks swaps in a compiled one
         for sfx in ("", "_moe_gen"):
             setattr(self, f"q_proj{sfx}", nn.Linear(D, H * hd, bias=True))
             setattr(self, f"k_proj{sfx}", nn.Linear(D, Hkv * hd, bias=True))
@@ -110,7 +111,7 @@ class MoTAttention(nn.Module):
         # x: [N, D]
         qkv = routed(x, gen, lambda t: self._qkv(t, ""), lambda t: self._qkv(t, "_moe_gen"))
         q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = self.rope(q, *rope), self.rope(k, *rope)
         out = attention(q, k.contiguous(), v.contiguous(), plan, cache, layer)  # [N, H * hd]
         return routed(out, gen, self.o_proj, self.o_proj_moe_gen)
 
@@ -243,6 +244,19 @@ class Bagel(nn.Module):
         for i, layer in enumerate(lm.layers):
             h = layer(h, rope, plan, idx, cache, i)
         return routed(h, idx, lm.norm, lm.norm_moe_gen)
+
+    def compile_blocks(self) -> None:
+        """torch.compile the LLM layers' RMSNorms, RoPE and MLPs (fuses their float32 and
+        elementwise work); attention, routing and the bridges stay eager. Dynamic shapes, so
+        batches of other sizes reuse the graphs."""
+        rope = torch.compile(apply_rope, dynamic=True)
+        for layer in self.language_model.model.layers:
+            layer.self_attn.rope = rope
+            for m in layer.modules():
+                if isinstance(m, (RMSNorm, Qwen2MLP)):
+                    m.compile(dynamic=True)
+        for m in (self.language_model.model.norm, self.language_model.model.norm_moe_gen):
+            m.compile(dynamic=True)
 
     def new_cache(self, rows: int, capacity: int) -> KVCache:
         p, w = self.params, self.vae2llm.weight
