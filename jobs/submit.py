@@ -18,7 +18,7 @@ from pipeline.spec import JobSpec
 SHIPPED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
 EXCLUDES = [".git", ".venv", ".device", ".whl", "demo-output", "**/__pycache__", "*.egg-info"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-AGENT_WAIT_SECONDS = 60
+AGENT_WAIT_SECONDS = 180
 
 
 def entrypoint(spec: JobSpec, new_run: bool) -> str:
