@@ -115,8 +115,8 @@ def kernels_checked() -> dict[str, bool]:
 
 def merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
     """Softmax over the union of two key sets from the two partial results ([B, H, L, D], [B, H, L])."""
-    w = torch.sigmoid(lse_a - lse_b)[..., None]
-    return (out_b.float() + w * (out_a.float() - out_b.float())).to(out_b.dtype)
+    w = torch.sigmoid(lse_a - lse_b)[..., None]  # the share of the softmax mass in part a
+    return torch.lerp(out_b.float(), out_a.float(), w).to(out_b.dtype)
 
 
 @dataclass
@@ -167,7 +167,7 @@ def split_attention(q: Tensor, k: Tensor, v: Tensor, groups: list[SplitGroup], c
             vc = cache.v[layer][g.rows, : g.lc].transpose(1, 2)
             oa, lse_a = sdpa_lse(qg[g.sub], kc, vc, g.ctx_mask)
             merged = merge(oa, lse_a, ob[g.sub], lse_b[g.sub])
-            ob = merged if merged.shape[0] == ob.shape[0] else ob.index_copy(0, g.sub, merged)
+            ob = merged if merged.shape[0] == ob.shape[0] else ob.index_copy_(0, g.sub, merged)
         og = ob.transpose(1, 2).reshape(-1, H * D)
         if out is None:
             return og

@@ -29,9 +29,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # Qwen2's RMSNorm (normalise in float32, round to x's dtype, then scale by the weight)
+        # without materialising a 16-bit x in float32: the variance reads x once, and the
+        # float32 product is rounded to x's dtype as it is stored.
+        if x.dtype == torch.float32:
+            var = x.pow(2).mean(-1, keepdim=True)
+        else:
+            var = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square_().div_(x.shape[-1])
+        h = torch.mul(x, torch.rsqrt(var.add_(self.eps)), out=torch.empty_like(x))
+        return self.weight * h
 
 
 def rope_cos_sin(pos: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -43,11 +49,14 @@ def rope_cos_sin(pos: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tens
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x: [N, H, D]; rotate-half convention, computed in float32
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rot = torch.cat([-x2, x1], dim=-1)
-    return (xf * cos + rot * sin).to(x.dtype)
+    # x: [N, H, D]; rotate-half convention in float32: [x1, x2] -> [x1 c - x2 s, x2 c + x1 s]
+    # (cos/sin repeat across the two halves), each half rounded to x's dtype as it is stored
+    half = x.shape[-1] // 2
+    x1, x2, c, s = x[..., :half], x[..., half:], cos[..., :half], sin[..., :half]
+    out = torch.empty_like(x)
+    torch.sub(x1 * c, x2 * s, out=out[..., :half])
+    torch.add(x2 * c, x1 * s, out=out[..., half:])
+    return out
 
 
 class KVCache:
