@@ -129,3 +129,16 @@ def test_compiled_blocks_give_the_same_latents(tmp_path):
     got = S.denoise(model, rows, special)
     for a, b in zip(got, want):
         assert float((a - b).norm() / b.norm()) <= 1e-5
+
+
+@pytest.mark.parametrize("patch", [0.0, 1.0])
+def test_routing_by_patching_the_minority_expert(tiny, monkeypatch, patch):
+    from modeling.bagel import model as M
+
+    model, tok, special = tiny
+    rows = _rows(model, tok)
+    want = S.denoise(model, rows, special)  # small images: boundary tokens are >= 1/32 of each forward
+    monkeypatch.setattr(M, "MINORITY_PATCH", patch)  # 1.0: always run one expert over all tokens
+    got = S.denoise(model, rows, special)
+    for a, b in zip(got, want):
+        assert float((a - b).norm() / b.norm()) <= 1e-5

@@ -73,14 +73,26 @@ class Qwen2MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def routed(x: Tensor, gen: Tensor | None, f_und, f_gen) -> Tensor:
-    """Apply f_und to understanding tokens and f_gen to gen tokens. gen: [N] index of
-    gen tokens' positions as (und_idx, gen_idx), or None (all understanding)."""
+MINORITY_PATCH = 1 / 32  # see routed()
+
+
+def routed(x: Tensor, gen: tuple[Tensor, Tensor] | None, f_und, f_gen) -> Tensor:
+    """Apply f_und to understanding tokens and f_gen to gen tokens (both per-token maps).
+    gen: (und_idx, gen_idx) token positions, or None (all understanding). When one expert's
+    tokens are a small minority (a denoising forward: two boundary tokens per image), the
+    other expert runs over every token and the minority's results are patched in, instead of
+    gathering and scattering the whole batch."""
     if gen is None:
         return f_und(x)
     und_idx, gen_idx = gen
     if und_idx.numel() == 0:
         return f_gen(x)
+    n = x.shape[0]
+    if und_idx.numel() <= MINORITY_PATCH * n or gen_idx.numel() <= MINORITY_PATCH * n:
+        (f_all, f_few, few) = (f_gen, f_und, und_idx) if und_idx.numel() < gen_idx.numel() else (f_und, f_gen, gen_idx)
+        out = f_all(x)
+        out[few] = f_few(x[few])
+        return out
     a, b = f_und(x[und_idx]), f_gen(x[gen_idx])
     out = a.new_empty((x.shape[0], *a.shape[1:]))
     out[und_idx], out[gen_idx] = a, b
