@@ -165,9 +165,12 @@ def split_attention(q: Tensor, k: Tensor, v: Tensor, groups: list[SplitGroup], c
         if g.sub is not None:
             kc = cache.k[layer][g.rows, : g.lc].transpose(1, 2)
             vc = cache.v[layer][g.rows, : g.lc].transpose(1, 2)
-            oa, lse_a = sdpa_lse(qg[g.sub], kc, vc, g.ctx_mask)
-            merged = merge(oa, lse_a, ob[g.sub], lse_b[g.sub])
-            ob = merged if merged.shape[0] == ob.shape[0] else ob.index_copy_(0, g.sub, merged)
+            if g.sub.numel() == qg.shape[0]:  # every sequence has a context
+                oa, lse_a = sdpa_lse(qg, kc, vc, g.ctx_mask)
+                ob = merge(oa, lse_a, ob, lse_b)
+            else:
+                oa, lse_a = sdpa_lse(qg[g.sub], kc, vc, g.ctx_mask)
+                ob.index_copy_(0, g.sub, merge(oa, lse_a, ob[g.sub], lse_b[g.sub]))
         og = ob.transpose(1, 2).reshape(-1, H * D)
         if out is None:
             return og

@@ -53,7 +53,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     # (cos/sin repeat across the two halves), each half rounded to x's dtype as it is stored
     half = x.shape[-1] // 2
     x1, x2, c, s = x[..., :half], x[..., half:], cos[..., :half], sin[..., :half]
-    out = torch.empty_like(x)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     torch.sub(x1 * c, x2 * s, out=out[..., :half])
     torch.add(x2 * c, x1 * s, out=out[..., half:])
     return out
