@@ -177,8 +177,9 @@ def build_unet_stage(number: int):
         p, unet = decoder.params, decoder.unets[number - 1]
         if ctx.options.get("channels_last"):
             unet.to(memory_format=torch.channels_last)
-        if ctx.options.get("compile"):
-            unet.forward = torch.compile(unet.forward)
+        if ctx.options.get("compile"):  # true, or a torch.compile mode such as "reduce-overhead"
+            mode = ctx.options["compile"] if isinstance(ctx.options["compile"], str) else "default"
+            unet.forward = torch.compile(unet.forward, mode=mode)
         n, i = len(p.unets), number - 1
         default_scale = stack.default_cond_scales()[1][i]
         last = number == n
