@@ -11,7 +11,8 @@ from modeling.bagel.layers import KVCache, attention, make_plan
 def _case(seq_lens, ctx_lens, rows, H=4, Hkv=2, D=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     n_rows = max(rows) + 1
-    cache = KVCache(1, n_rows, max(ctx_lens) + 3, Hkv, D, "cpu", torch.float32)
+    caps = [max([c for c, r in zip(ctx_lens, rows) if r == row], default=0) + row for row in range(n_rows)]
+    cache = KVCache(1, caps, Hkv, D, "cpu", torch.float32)  # rows of their own capacities
     cache.k[0].normal_(generator=g)
     cache.v[0].normal_(generator=g)
     N = sum(seq_lens)
@@ -41,8 +42,9 @@ def test_split_equals_masked(seq_lens, ctx_lens, rows):
     # and both equal attention over each sequence's explicit key list
     start = 0
     for n, c, r in zip(seq_lens, ctx_lens, rows):
-        kk = torch.cat([cache.k[0][r, :c], k[start:start + n]]).repeat_interleave(2, 1)
-        vv = torch.cat([cache.v[0][r, :c], v[start:start + n]]).repeat_interleave(2, 1)
+        s0 = int(cache.starts[r])
+        kk = torch.cat([cache.k[0][s0:s0 + c], k[start:start + n]]).repeat_interleave(2, 1)
+        vv = torch.cat([cache.v[0][s0:s0 + c], v[start:start + n]]).repeat_interleave(2, 1)
         ref = F.scaled_dot_product_attention(q[start:start + n].transpose(0, 1), kk.transpose(0, 1), vv.transpose(0, 1))
         torch.testing.assert_close(got[start:start + n], ref.transpose(0, 1).reshape(n, -1), atol=1e-5, rtol=1e-5)
         start += n
@@ -64,3 +66,16 @@ def test_math_lse_matches_sdpa_and_logsumexp(monkeypatch):
 def test_split_plan_refuses_cache_writes():
     with pytest.raises(ValueError, match="split attention"):
         make_plan([3, 3], ctx_lens=[1, 2], rows=[0, 1], split=True, write=True)
+
+
+def test_packed_cache_rows_and_overflow():
+    cache = KVCache(2, [3, 0, 5], 1, 2, "cpu", torch.float32)
+    assert cache.k[0].shape == (3 + 1 + 5, 1, 2) and cache.starts.tolist() == [0, 3, 4]
+    kv = torch.arange(16, dtype=torch.float32).view(8, 1, 2)
+    rows, slots = torch.tensor([0, 0, 0, 2, 2, 2, 2, 2]), torch.tensor([0, 1, 2, 0, 1, 2, 3, 4])
+    for layer in (0, 1):
+        cache.write(layer, rows, slots, kv, -kv)
+    k, v = cache.read(1, torch.tensor([2, 0]), 4)
+    assert torch.equal(k[0], kv[3:7]) and torch.equal(k[1, :3], kv[:3]) and torch.equal(v[0], -kv[3:7])
+    with pytest.raises(ValueError, match="overflow"):
+        cache.write(0, torch.tensor([0]), torch.tensor([3]), kv[:1], kv[:1])

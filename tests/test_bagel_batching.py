@@ -105,7 +105,8 @@ def test_chunked_prefill_and_shared_contexts(tiny, monkeypatch):
     for a, b in zip(want, got):
         assert float((a - b).norm() / b.norm()) <= 1e-4
     ctx = S.Contexts(model, [c for r in rows for c in S.image_contexts(r).values()], special, share=True)
-    assert ctx.cache.k[0].shape[0] < 3 * len(rows)  # empty and repeated contexts share cache rows
+    assert len(ctx.cache.lens) < 3 * len(rows)  # empty and repeated contexts share cache rows
+    assert ctx.cache.k[0].shape[0] == sum(max(1, n) for n in ctx.cache.lens)  # rows packed, no padding
 
 
 def test_split_attention_equals_masked_in_denoise(tiny):

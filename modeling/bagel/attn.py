@@ -163,8 +163,7 @@ def split_attention(q: Tensor, k: Tensor, v: Tensor, groups: list[SplitGroup], c
         qg, kg, vg = (pick(x).transpose(1, 2) for x in (q, k, v))  # [G, H(kv), L, D]
         ob, lse_b = sdpa_lse(qg, kg, vg)
         if g.sub is not None:
-            kc = cache.k[layer][g.rows, : g.lc].transpose(1, 2)
-            vc = cache.v[layer][g.rows, : g.lc].transpose(1, 2)
+            kc, vc = (t.transpose(1, 2) for t in cache.read(layer, g.rows, g.lc))
             if g.sub.numel() == qg.shape[0]:  # every sequence has a context
                 oa, lse_a = sdpa_lse(qg, kc, vc, g.ctx_mask)
                 ob = merge(oa, lse_a, ob, lse_b)

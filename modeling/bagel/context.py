@@ -64,7 +64,7 @@ class Contexts:
             parts.append((emb, pos, gen, blk))
         self.rope = [rope_of[r] for r in self.row]
         self.lens = [len_of[r] for r in self.row]
-        self.cache = model.new_cache(len(uniq), max(len_of) + extra)
+        self.cache = model.new_cache([n + extra for n in len_of])
         chunks, cur, size = [], [], 0
         for r in (r for r, n in enumerate(len_of) if n > 0):
             if cur and size + len_of[r] > PREFILL_CHUNK_TOKENS:

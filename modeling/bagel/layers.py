@@ -60,14 +60,33 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Per layer `k, v: [rows, capacity, Hkv, D]`; `lens[r]` tokens of row r are valid."""
+    """Rows packed back to back, each with its own capacity (no padding to the longest):
+    per layer `k, v: [sum(capacities), Hkv, D]`; row r owns slots starts[r] .. + capacity[r]
+    and `lens[r]` of them are valid."""
 
-    def __init__(self, n_layers: int, rows: int, capacity: int, n_kv: int, head_dim: int, device, dtype):
-        shape = (rows, capacity, n_kv, head_dim)
+    def __init__(self, n_layers: int, capacities: list[int], n_kv: int, head_dim: int, device, dtype):
+        caps = [max(1, c) for c in capacities]
+        shape = (sum(caps), n_kv, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.lens = [0] * rows
-        self.capacity = capacity
+        self.capacity = torch.tensor(caps, device=device)
+        self.starts = torch.cumsum(self.capacity, 0) - self.capacity
+        self.lens = [0] * len(caps)
+
+    def read(self, layer: int, rows: Tensor, length: int) -> tuple[Tensor, Tensor]:
+        """k, v of the first `length` slots of each row: [S, length, Hkv, D] (slots past a
+        row's capacity repeat its last one; callers mask what lies past a row's length)."""
+        ar = torch.arange(length, device=rows.device)
+        idx = self.starts[rows][:, None] + torch.minimum(ar[None, :], self.capacity[rows][:, None] - 1)
+        return self.k[layer][idx], self.v[layer][idx]
+
+    def write(self, layer: int, rows: Tensor, slots: Tensor, k: Tensor, v: Tensor) -> None:
+        # rows, slots: [N] per token; k, v: [N, Hkv, D]
+        if layer == 0 and bool((slots >= self.capacity[rows]).any()):
+            raise ValueError("KV cache row overflow: a forward writes past its row's capacity")
+        idx = self.starts[rows] + slots
+        self.k[layer][idx] = k
+        self.v[layer][idx] = v
 
 
 @dataclass
@@ -184,14 +203,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, plan: Plan, cache: KVCache | None
         return split_attention(q, k, v, plan.groups, cache, layer)
     kp, vp = _to_padded(k, plan), _to_padded(v, plan)
     if cache is not None and plan.lc > 0:
-        kc = cache.k[layer][plan.rows, : plan.lc]
-        vc = cache.v[layer][plan.rows, : plan.lc]
+        kc, vc = cache.read(layer, plan.rows, plan.lc)
         kk, vv = torch.cat([kc, kp], dim=1), torch.cat([vc, vp], dim=1)
     else:
         kk, vv = kp, vp
     if plan.write_rows is not None:
-        cache.k[layer][plan.write_rows, plan.write_slots] = k
-        cache.v[layer][plan.write_rows, plan.write_slots] = v
+        cache.write(layer, plan.write_rows, plan.write_slots, k, v)
     if fast_varlen:
         lens_k = [c + s for c, s in zip(plan.ctx_lens, plan.seq_lens)]
         cu_q = F.pad(torch.cumsum(torch.tensor(plan.seq_lens, device=q.device), 0), (1, 0)).int()

@@ -270,6 +270,6 @@ class Bagel(nn.Module):
         for m in (self.language_model.model.norm, self.language_model.model.norm_moe_gen):
             m.compile(dynamic=True)
 
-    def new_cache(self, rows: int, capacity: int) -> KVCache:
+    def new_cache(self, capacities: list[int]) -> KVCache:
         p, w = self.params, self.vae2llm.weight
-        return KVCache(p.num_layers, rows, capacity, p.num_kv_heads, p.head_dim, w.device, w.dtype)
+        return KVCache(p.num_layers, capacities, p.num_kv_heads, p.head_dim, w.device, w.dtype)
