@@ -79,3 +79,28 @@ def test_packed_cache_rows_and_overflow():
     assert torch.equal(k[0], kv[3:7]) and torch.equal(k[1, :3], kv[:3]) and torch.equal(v[0], -kv[3:7])
     with pytest.raises(ValueError, match="overflow"):
         cache.write(0, torch.tensor([0]), torch.tensor([3]), kv[:1], kv[:1])
+
+
+def test_kernels_failing_their_self_check_fall_back_to_math(monkeypatch, caplog):
+    g = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(2, 4, 5, 8, generator=g), torch.randn(2, 2, 7, 8, generator=g), torch.randn(2, 2, 7, 8, generator=g)
+
+    def wrong(q, k, v, mask):
+        out, lse = attn.math_lse(q, k, v, mask)
+        return out, lse + 1.0
+
+    def broken(q, k, v, mask):
+        raise RuntimeError("no kernel image for this device")
+
+    monkeypatch.setattr(attn, "KERNELS", {"wrong": wrong, "broken": broken, "good": attn.math_lse})
+    monkeypatch.setattr(attn, "_VERIFIED", {})
+    monkeypatch.setattr(attn, "candidates", lambda q, masked: ["wrong", "broken", "good"])
+    calls = []
+    monkeypatch.setitem(attn.KERNELS, "good", lambda *a: calls.append(1) or attn.math_lse(*a))
+    out, lse = attn.sdpa_lse(q, k, v)
+    torch.testing.assert_close(lse, attn.math_lse(q, k, v)[1])
+    assert calls and attn.kernels_checked() == {"wrong(float32, masked=False)": False, "broken(float32, masked=False)": False,
+                                                "good(float32, masked=False)": True}
+    assert "unusable" in caplog.text and "no kernel image" in caplog.text
+    monkeypatch.setattr(attn, "candidates", lambda q, masked: ["wrong"])
+    torch.testing.assert_close(attn.sdpa_lse(q, k, v)[1], attn.math_lse(q, k, v)[1])  # checked once, then math

@@ -98,14 +98,19 @@ def _works(name: str, q: Tensor, k: Tensor, masked: bool) -> bool:
 
 def sdpa_lse(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Attention with its log-sum-exp: q [B, H, Lq, D], k/v [B, Hkv, Lk, D], key_mask [B, Lk]."""
-    if q.is_cuda:
-        names = ["efficient"]
-        if key_mask is None and q.dtype in (torch.float16, torch.bfloat16):
-            names = ["flash", "flash_expanded", "efficient"]
-        for name in names:
-            if _works(name, q, k, key_mask is not None):
-                return KERNELS[name](q, k, v, key_mask)
+    for name in candidates(q, key_mask is not None):
+        if _works(name, q, k, key_mask is not None):
+            return KERNELS[name](q, k, v, key_mask)
     return math_lse(q, k, v, key_mask)
+
+
+def candidates(q: Tensor, masked: bool) -> list[str]:
+    """Kernels to try, best first (the math fallback follows)."""
+    if not q.is_cuda:
+        return []
+    if masked or q.dtype not in (torch.float16, torch.bfloat16):
+        return ["efficient"]
+    return ["flash", "flash_expanded", "efficient"]
 
 
 def kernels_checked() -> dict[str, bool]:
