@@ -50,7 +50,7 @@ def _run(fns, rows):
 
 def test_stages_follow_the_config(stack):
     path, fns = stack
-    assert [n for n, _ in fns] == ["prior", "decoder", "upsampler2"]
+    assert [n for n, _ in fns] == ["prepare", "prior", "decoder", "upsampler2"]
     assert FAMILY.tasks == {"t2i", "variation", "edit"}
     assert FAMILY.model_name(path) == "dalle2:" + CONFIG_NAME.rsplit(".", 1)[0]
 

@@ -45,7 +45,7 @@ def test_t2i_variation_inpaint_through_the_runner(ray_cluster, tiny_stack, tmp_p
     result = run_job(spec, interactive=False)
 
     assert result["status"] == "completed" and result["images"] == 4 and result["errors"] == 1
-    assert set(result["stage_rows_per_second"]) == {"prior", "decoder", "upsampler2"}
+    assert set(result["stage_rows_per_second"]) == {"prepare", "prior", "decoder", "upsampler2"}
     images = pq.read_table(tmp_path / "out" / "images").to_pylist()
     assert sorted((r["id"], r["sample_index"]) for r in images) == [("inpaint", 0), ("t2i", 0), ("t2i", 1), ("var", 0)]
     for r in images:

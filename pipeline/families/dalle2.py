@@ -2,8 +2,9 @@
 
 The model path is a dalle2-laion model config JSON. Tasks: t2i, variation (CLIP image
 embedding -> decoder), edit (text-guided RePaint inpainting; mask white = repaint).
-Stages, in order, each able to sit on its own GPU actor:
-    prior        CLIP text (+ image) encoding, prior sampling with reranking, input image/mask prep
+Stages, in order (the model stages each able to sit on its own GPU actor):
+    prepare      CPU: row checks, input image / mask decoding and resizing
+    prior        CLIP text (+ image) encoding, prior sampling with reranking
     decoder      unet 1
     upsamplerK   unet K (K = 2..N, read from the config)
 Params left at None take the model config's defaults (default_sample_timesteps,
@@ -31,7 +32,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "edit": {**PRIOR, **COMMON, "inpaint_resample_times": 5},
 }
 FALLBACK_STEPS = 64
-BIG_FIELDS = ("dalle2_text_encodings", "dalle2_image_embed", "dalle2_image", "dalle2_inpaint_image",
+BIG_FIELDS = ("dalle2_source", "dalle2_text_encodings", "dalle2_image_embed", "dalle2_image", "dalle2_inpaint_image",
               "dalle2_inpaint_mask")
 
 
@@ -108,37 +109,56 @@ def _square(img, size: int, resample):
 
 
 # ---- stages ------------------------------------------------------------------------------
-def build_prior(ctx: StageContext) -> BatchFn:
+def build_prepare(ctx: StageContext) -> BatchFn:
+    """CPU: row checks, input image / mask decoding and resizing, outside the GPU actors."""
     from PIL import Image
 
     from modeling.dalle2.load import Stack
-    from modeling.dalle2.sampling import per_sample_noise, sample_prior
-
     from pipeline.inputs import load_image
 
-    _setup(ctx)
-    stack, device, dtype = Stack.from_json(ctx.model_path), ctx.device, _dtype(ctx.dtype)
-    clip = stack.clip(dtype=dtype, device=device)
-    prior = stack.prior(dtype=dtype, device=device) if stack.config.prior else None
-    default_scale = stack.default_cond_scales()[0]
-    dparams = stack.decoder_params()
-    final = dparams.image_sizes[-1]
+    final = Stack.from_json(ctx.model_path).decoder_params().image_sizes[-1]
 
-    @torch.no_grad()
     def run(rows: list[Row]) -> list[Row]:
+        outs: list[Row] = []
         for r in rows:
             if r.get("negative_prompt"):
                 raise RowError("bad_params", "dalle2 does not support negative_prompt")
             for k in ("width", "height"):
                 if r.get(k) not in (None, final):
                     raise RowError("bad_params", f"dalle2 makes {final}x{final} images; {k}={r[k]}")
+            out: Row = {}
+            if r["task"] == "variation":
+                out["dalle2_source"] = load_image(r.get("image"))
+            if r["task"] == "edit":
+                img = _square(load_image(r.get("image")), final, Image.BICUBIC)
+                mask = _square(load_image(r.get("mask"), mode="L"), final, Image.NEAREST)
+                out["dalle2_inpaint_image"] = np.asarray(img, dtype=np.uint8)
+                out["dalle2_inpaint_mask"] = np.asarray(mask) < 128  # True = keep (not painted)
+            outs.append(out)
+        return outs
+
+    return run
+
+
+def build_prior(ctx: StageContext) -> BatchFn:
+    from modeling.dalle2.load import Stack
+    from modeling.dalle2.sampling import per_sample_noise, sample_prior
+
+    _setup(ctx)
+    stack, device, dtype = Stack.from_json(ctx.model_path), ctx.device, _dtype(ctx.dtype)
+    clip = stack.clip(dtype=dtype, device=device)
+    prior = stack.prior(dtype=dtype, device=device) if stack.config.prior else None
+    default_scale = stack.default_cond_scales()[0]
+
+    @torch.no_grad()
+    def run(rows: list[Row]) -> list[Row]:
         ids = clip.tokenize([r.get("prompt") or "" for r in rows])
         text_embed, text_enc = clip.embed_text(ids)
         image_embed = torch.zeros_like(text_embed)
         outs: list[Row] = [{} for _ in rows]
         var = [i for i, r in enumerate(rows) if r["task"] == "variation"]
         if var:
-            image_embed[var] = clip.embed_image(clip.preprocess([load_image(rows[i].get("image")) for i in var]).to(device))
+            image_embed[var] = clip.embed_image(clip.preprocess([rows[i]["dalle2_source"] for i in var]).to(device))
         gen = [i for i, r in enumerate(rows) if r["task"] in ("t2i", "edit")]
         if gen and prior is None:
             raise RowError("bad_params", "this model config has no prior: only variation rows can run")
@@ -152,12 +172,8 @@ def build_prior(ctx: StageContext) -> BatchFn:
                                                 cond_scale=scale, eta=eta, num_samples_per_batch=n)
             except ValueError as e:
                 raise RowError("bad_params", str(e)) from None
-        for i, r in enumerate(rows):
-            if r["task"] == "edit":
-                img = _square(load_image(r.get("image")), final, Image.BICUBIC)
-                mask = _square(load_image(r.get("mask"), mode="L"), final, Image.NEAREST)
-                outs[i]["dalle2_inpaint_image"] = np.asarray(img, dtype=np.uint8)
-                outs[i]["dalle2_inpaint_mask"] = np.asarray(mask) < 128  # True = keep (not painted)
+        for i in range(len(rows)):
+            outs[i]["dalle2_source"] = None  # decoded input: not needed past CLIP
             te, ie = text_embed[i].float().cpu().numpy(), image_embed[i].float().cpu().numpy()
             outs[i].update(dalle2_text_encodings=text_enc[i].float().cpu().numpy(), dalle2_image_embed=ie,
                            embeddings={"text_embed": te, "image_embed": ie})
@@ -222,6 +238,7 @@ def build_unet_stage(number: int):
     return build
 
 
+PREPARE_STAGE = StageSpec("prepare", build_prepare, uses_gpu=False, default_batch_size=16)
 PRIOR_STAGE = StageSpec("prior", build_prior, default_batch_size=16)
 
 
@@ -239,7 +256,7 @@ class Dalle2Family:
         cfg = ModelLoadConfig.from_json(model_path)
         if cfg.decoder is None:
             raise ValueError(f"{model_path}: the model config has no decoder")
-        return [PRIOR_STAGE, *(unet_stage(k) for k in range(1, cfg.decoder.num_unets + 1))]
+        return [PREPARE_STAGE, PRIOR_STAGE, *(unet_stage(k) for k in range(1, cfg.decoder.num_unets + 1))]
 
     def params_for(self, task: str, overrides: dict[str, Any]) -> dict[str, Any]:
         if task not in DEFAULTS:
