@@ -121,7 +121,8 @@ def kernels_checked() -> dict[str, bool]:
 def merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
     """Softmax over the union of two key sets from the two partial results ([B, H, L, D], [B, H, L])."""
     w = torch.sigmoid(lse_a - lse_b)[..., None]  # the share of the softmax mass in part a
-    return torch.lerp(out_b.float(), out_a.float(), w).to(out_b.dtype)
+    # out_b + w (out_a - out_b), computed in float32 and rounded once as it is stored
+    return torch.addcmul(out_b, w, out_a - out_b, out=torch.empty(out_b.shape, dtype=out_b.dtype, device=out_b.device))
 
 
 @dataclass

@@ -113,18 +113,19 @@ class MoTAttention(nn.Module):
             setattr(self, f"q_norm{sfx}", RMSNorm(hd, p.rms_norm_eps))
             setattr(self, f"k_norm{sfx}", RMSNorm(hd, p.rms_norm_eps))
 
-    def _qkv(self, x: Tensor, sfx: str) -> Tensor:
-        q = getattr(self, f"q_norm{sfx}")(getattr(self, f"q_proj{sfx}")(x).unflatten(-1, (self.n_heads, self.head_dim)))
-        k = getattr(self, f"k_norm{sfx}")(getattr(self, f"k_proj{sfx}")(x).unflatten(-1, (self.n_kv, self.head_dim)))
-        v = getattr(self, f"v_proj{sfx}")(x).unflatten(-1, (self.n_kv, self.head_dim))
-        return torch.cat([q, k, v], dim=1)  # [n, H + 2 Hkv, hd]
+    def _proj(self, x: Tensor, name: str, heads: int, sfx: str) -> Tensor:
+        # x: [n, D] -> [n, heads, hd], q/k RMSNormed per head
+        y = getattr(self, f"{name}_proj{sfx}")(x).unflatten(-1, (heads, self.head_dim))
+        return getattr(self, f"{name}_norm{sfx}")(y) if name != "v" else y
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], plan: Plan, gen, cache: KVCache | None, layer: int):
-        # x: [N, D]
-        qkv = routed(x, gen, lambda t: self._qkv(t, ""), lambda t: self._qkv(t, "_moe_gen"))
-        q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)
+        # x: [N, D]; q: [N, H, hd], k/v: [N, Hkv, hd], each routed on its own (no concatenation)
+        q, k, v = (
+            routed(x, gen, lambda t: self._proj(t, name, heads, ""), lambda t: self._proj(t, name, heads, "_moe_gen"))
+            for name, heads in (("q", self.n_heads), ("k", self.n_kv), ("v", self.n_kv))
+        )
         q, k = self.rope(q, *rope), self.rope(k, *rope)
-        out = attention(q, k.contiguous(), v.contiguous(), plan, cache, layer)  # [N, H * hd]
+        out = attention(q, k, v.contiguous(), plan, cache, layer)  # [N, H * hd]
         return routed(out, gen, self.o_proj, self.o_proj_moe_gen)
 
 
