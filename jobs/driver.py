@@ -108,13 +108,11 @@ def _pool(replicas) -> ActorPoolStrategy:
     return ActorPoolStrategy(min_size=replicas[0], max_size=replicas[1])
 
 
-def build_dataset(spec: JobSpec, stages, manifest, plan, committed, sink_cfg: SinkConfig):
+def build_dataset(spec: JobSpec, groups, manifest, plan, committed, sink_cfg: SinkConfig):
     ds = ray.data.read_datasource(ManifestDatasource(manifest))
     expand_kwargs = dict(family=spec.family, job_seed=spec.seed, sampler=spec.sampler, max_prompt_chars=spec.max_prompt_chars,
                          duplicates=plan.duplicates, committed=committed)
     ds = ds.map_batches(Expand, fn_constructor_kwargs=expand_kwargs, batch_format="pyarrow", compute=ActorPoolStrategy(size=1), num_cpus=0.25)
-    groups = _groups(spec, stages)
-    check_resources(groups)
     for g in groups:
         ds = ds.map_batches(StageGroup, fn_constructor_kwargs={"family": spec.family, "stages": g["stages"]},
                             batch_size=g["batch"], batch_format="pyarrow", compute=_pool(g["cfg"].replicas),
@@ -129,8 +127,8 @@ def run_job(spec: JobSpec, *, new_run: bool = False, interactive: bool | None = 
     family, stages = check_job(spec)
     manifest = open_manifest(spec.manifest)
     plan = make_plan(manifest)
-    placement = {name: {"device": ctx.device, "dtype": ctx.dtype, "options": ctx.options}
-                 for g in _groups(spec, stages) for name, ctx in g["stages"]}
+    groups = _groups(spec, stages)
+    placement = {name: {"device": ctx.device, "dtype": ctx.dtype, "options": ctx.options} for g in groups for name, ctx in g["stages"]}
     fingerprint = spec.output_fingerprint(family.model_fingerprint(spec.model), placement)
     committed, commits = start_run(spec.output, fingerprint, manifest=spec.manifest, expected_pairs=plan.expected_pairs, new_run=new_run)
     log.info("manifest: %d rows in %d file(s), %d (id, sample) pairs expected, %d already committed",
@@ -141,7 +139,8 @@ def run_job(spec: JobSpec, *, new_run: bool = False, interactive: bool | None = 
     connect(spec)
     DataContext.get_current().enable_progress_bars = False  # genfleet shows its own progress
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    ds, sink = build_dataset(spec, stages, manifest, plan, committed, sink_cfg)
+    check_resources(groups)
+    ds, sink = build_dataset(spec, groups, manifest, plan, committed, sink_cfg)
 
     watcher = CommitWatcher(spec.output, commits)
     progress = Progress(plan.expected_pairs, watcher.tally.pairs, interactive)
