@@ -11,7 +11,7 @@ with the same device and vae_dtype share one AE.
 Stage options: vae_transform / vit_transform ([max, min, stride], prepare); emit_latents
 (vae_decode); vae_dtype (VAE stages; default: the stage dtype -- float32 is what the
 reference app uses for the VAE); lmm: quantize (nf4 | int8, bitsandbytes on CUDA),
-attention (split | masked, see modeling/bagel/layers.py), compile (bool).
+attention (split | masked, see modeling/bagel/attn.py), compile (bool).
 Edit outputs take the input's resized size (row width/height are ignored); t2i sizes
 must be multiples of 16, <= 1024.
 """
