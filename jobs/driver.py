@@ -44,6 +44,7 @@ def connect(spec: JobSpec) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
         return
     ray.init(
+        address="local",  # a new local Ray: never attach to whatever other Ray runs on this machine
         num_cpus=spec.ray.num_cpus or max(4, os.cpu_count() or 1),
         num_gpus=spec.ray.num_gpus,
         include_dashboard=False,

@@ -64,7 +64,7 @@ def ray_cluster(s3_server):
     import ray
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    ray.init(num_cpus=4, num_gpus=2, object_store_memory=400 * 1024**2, include_dashboard=False,
+    ray.init(address="local", num_cpus=4, num_gpus=2, object_store_memory=400 * 1024**2, include_dashboard=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}})
     from ray.data import DataContext
 
