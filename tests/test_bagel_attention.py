@@ -104,3 +104,15 @@ def test_kernels_failing_their_self_check_fall_back_to_math(monkeypatch, caplog)
     assert "unusable" in caplog.text and "no kernel image" in caplog.text
     monkeypatch.setattr(attn, "candidates", lambda q, masked: ["wrong"])
     torch.testing.assert_close(attn.sdpa_lse(q, k, v)[1], attn.math_lse(q, k, v)[1])  # checked once, then math
+
+
+def test_long_contexts_run_unmasked_per_length(monkeypatch):
+    seq_lens, ctx_lens, rows = [6, 6, 6, 6], [9, 4, 9, 0], [0, 1, 2, 3]
+    q, k, v, cache = _case(seq_lens, ctx_lens, rows, seed=4)
+    want = attention(q, k, v, make_plan(seq_lens, ctx_lens=ctx_lens, rows=rows), cache, 0)
+    short = make_plan(seq_lens, ctx_lens=ctx_lens, rows=rows, split=True)
+    assert [(p.lc, p.mask is not None) for p in short.groups[0].parts] == [(9, True)]
+    monkeypatch.setattr(attn, "LONG_CONTEXT", 8)
+    long = make_plan(seq_lens, ctx_lens=ctx_lens, rows=rows, split=True)
+    assert [(p.sub.tolist(), p.lc, p.mask) for p in long.groups[0].parts] == [([0, 2], 9, None), ([1], 4, None)]
+    torch.testing.assert_close(attention(q, k, v, long, cache, 0), want, atol=1e-5, rtol=1e-5)

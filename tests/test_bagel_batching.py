@@ -109,9 +109,13 @@ def test_chunked_prefill_and_shared_contexts(tiny, monkeypatch):
     assert ctx.cache.k[0].shape[0] == sum(max(1, n) for n in ctx.cache.lens)  # rows packed, no padding
 
 
-def test_split_attention_equals_masked_in_denoise(tiny):
+@pytest.mark.parametrize("long_context", [256, 1])  # 1: every context counts as long (one call per length)
+def test_split_attention_equals_masked_in_denoise(tiny, monkeypatch, long_context):
+    from modeling.bagel import attn
+
     model, tok, special = tiny
     rows = _rows(model, tok)
+    monkeypatch.setattr(attn, "LONG_CONTEXT", long_context)
     split = S.denoise(model, rows, special, attention="split")
     masked = S.denoise(model, rows, special, attention="masked")
     for a, b in zip(split, masked):

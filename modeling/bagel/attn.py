@@ -125,16 +125,47 @@ def merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
     return torch.addcmul(out_b, w, out_a - out_b, out=torch.empty(out_b.shape, dtype=out_b.dtype, device=out_b.device))
 
 
+LONG_CONTEXT = 256  # contexts at least this long run one unmasked call per distinct length
+
+
+@dataclass
+class ContextPart:
+    """Sequences of a group that attend to cached contexts in one call."""
+
+    sub: Tensor  # [G'] positions in the group
+    rows: Tensor  # [G'] their cache rows
+    lc: int  # longest of their contexts
+    mask: Tensor | None  # [G', lc] bool, None when all have length lc
+
+
 @dataclass
 class SplitGroup:
-    """Sequences of one length L: their tokens, and those of them that have a context."""
+    """Sequences of one length L: their tokens, and the parts of them that have a context."""
 
     L: int
     tok_index: Tensor | None  # [G * L] packed index of the group's tokens (None: all tokens, in order)
-    sub: Tensor | None  # [G'] positions in the group of sequences with a context (None: none)
-    rows: Tensor | None  # [G'] their cache rows
-    lc: int  # longest of their contexts
-    ctx_mask: Tensor | None  # [G', lc] bool, None when all G' contexts have length lc
+    parts: list[ContextPart]
+
+
+def _parts(seqs: list[int], ctx_lens: list[int], rows: list[int], device) -> list[ContextPart]:
+    """Short contexts (prompts): one masked call. Long ones (edit: VAE + ViT tokens): one
+    unmasked call per distinct length, so they too run on the flash kernel."""
+    live = [j for j, s in enumerate(seqs) if ctx_lens[s] > 0]
+    if not live:
+        return []
+    long = max(ctx_lens[seqs[j]] for j in live) >= LONG_CONTEXT
+    by_len: dict[int, list[int]] = {}
+    for j in live:
+        by_len.setdefault(ctx_lens[seqs[j]] if long else 0, []).append(j)
+    parts = []
+    for js in by_len.values():
+        lens = [ctx_lens[seqs[j]] for j in js]
+        mask = None
+        if len(set(lens)) > 1:
+            mask = torch.arange(max(lens), device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
+        t = lambda x: torch.tensor(x, device=device)  # noqa: E731
+        parts.append(ContextPart(t(js), t([rows[seqs[j]] for j in js]), max(lens), mask))
+    return parts
 
 
 def split_groups(seq_lens: list[int], ctx_lens: list[int], rows: list[int], device) -> list[SplitGroup]:
@@ -147,14 +178,7 @@ def split_groups(seq_lens: list[int], ctx_lens: list[int], rows: list[int], devi
         tok = None
         if len(by_len) > 1:
             tok = torch.cat([torch.arange(starts[s], starts[s] + L, device=device) for s in seqs])
-        sub = [j for j, s in enumerate(seqs) if ctx_lens[s] > 0]
-        lens = [ctx_lens[seqs[j]] for j in sub]
-        lc = max(lens, default=0)
-        mask = None
-        if len(set(lens)) > 1:
-            mask = torch.arange(lc, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
-        t = lambda x: torch.tensor(x, device=device) if sub else None  # noqa: E731
-        groups.append(SplitGroup(L, tok, t(sub), t([rows[seqs[j]] for j in sub]), lc, mask))
+        groups.append(SplitGroup(L, tok, _parts(seqs, ctx_lens, rows, device)))
     return groups
 
 
@@ -168,14 +192,14 @@ def split_attention(q: Tensor, k: Tensor, v: Tensor, groups: list[SplitGroup], c
             lambda x: x[g.tok_index].view(-1, g.L, *x.shape[1:]))
         qg, kg, vg = (pick(x).transpose(1, 2) for x in (q, k, v))  # [G, H(kv), L, D]
         ob, lse_b = sdpa_lse(qg, kg, vg)
-        if g.sub is not None:
-            kc, vc = (t.transpose(1, 2) for t in cache.read(layer, g.rows, g.lc))
-            if g.sub.numel() == qg.shape[0]:  # every sequence has a context
-                oa, lse_a = sdpa_lse(qg, kc, vc, g.ctx_mask)
+        for p in g.parts:  # disjoint sets of sequences
+            kc, vc = (t.transpose(1, 2) for t in cache.read(layer, p.rows, p.lc))
+            if p.sub.numel() == qg.shape[0]:  # every sequence of the group
+                oa, lse_a = sdpa_lse(qg, kc, vc, p.mask)
                 ob = merge(oa, lse_a, ob, lse_b)
             else:
-                oa, lse_a = sdpa_lse(qg[g.sub], kc, vc, g.ctx_mask)
-                ob.index_copy_(0, g.sub, merge(oa, lse_a, ob[g.sub], lse_b[g.sub]))
+                oa, lse_a = sdpa_lse(qg[p.sub], kc, vc, p.mask)
+                ob.index_copy_(0, p.sub, merge(oa, lse_a, ob[p.sub], lse_b[p.sub]))
         og = ob.transpose(1, 2).reshape(-1, H * D)
         if out is None:
             return og
