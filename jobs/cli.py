@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 
 from pipeline.manifest import ManifestError
@@ -111,8 +112,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:  # noqa: BLE001 - one line for the user, the trace in -v
         log.debug("job failed", exc_info=True)
-        print(f"genfleet: job failed: {type(e).__name__}: {redact(str(e)).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        print(f"genfleet: job failed: {redact(root_cause(e))}", file=sys.stderr)
         return 1
+
+
+def root_cause(e: BaseException) -> str:
+    """One line: Ray wraps a worker's exception with its remote traceback as text;
+    the last `SomeError: message` line of it is what went wrong."""
+    causes = [line.strip() for line in str(e).splitlines() if re.match(r"^\s*[\w.]+(Error|Exception|Exit): ", line)]
+    return causes[-1] if causes else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 if __name__ == "__main__":

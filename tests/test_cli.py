@@ -36,3 +36,11 @@ def test_invalid_spec_and_unknown_stage(tmp_path):
 def test_status_of_nothing():
     p = genfleet("status", "/nonexistent/output")
     assert p.returncode == 2 and "no genfleet job" in p.stderr
+
+
+def test_a_stage_that_cannot_load_fails_the_job_with_its_cause(tmp_path):
+    manifest = write_manifest(str(tmp_path / "m.parquet"), {"id": ["a"], "prompt": ["p"]})
+    p = genfleet("run", "--family", TOY, "--model", "toy", "--manifest", manifest, "--output", str(tmp_path / "o"),
+                 "--set", "stages.shade.num_gpus=0", "--set", "stages.shade.options.fail_build=true")
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines()[-1] == "genfleet: job failed: RuntimeError: toy weights are missing"

@@ -38,6 +38,8 @@ def _noise(ctx: StageContext):
 
 
 def _shade(ctx: StageContext):
+    if ctx.options.get("fail_build"):
+        raise RuntimeError("toy weights are missing")  # a model that cannot load: the whole job fails
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     delay = float(ctx.options.get("sleep", 0))
 
