@@ -43,4 +43,5 @@ def test_a_stage_that_cannot_load_fails_the_job_with_its_cause(tmp_path):
     p = genfleet("run", "--family", TOY, "--model", "toy", "--manifest", manifest, "--output", str(tmp_path / "o"),
                  "--set", "stages.shade.num_gpus=0", "--set", "stages.shade.options.fail_build=true")
     assert p.returncode == 1
-    assert p.stderr.strip().splitlines()[-1] == "genfleet: job failed: RuntimeError: toy weights are missing"
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("genfleet: job failed:") and "RuntimeError: toy weights are missing" in last, p.stderr[-3000:]
