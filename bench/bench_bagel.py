@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         for size in sizes:
             run_t2i(model, ae, size, 1, 2, mode)  # warm-up (kernels, allocator, compiled graphs)
             for b in batches:
+                if args.compile:  # compile (and recompile for this batch's shapes, CFG on and off) before timing
+                    run_t2i(model, ae, size, b, 6, mode)
                 dt, peak = measure(lambda: run_t2i(model, ae, size, b, steps, mode), device)
                 print(f"| t2i | {size}² | {b} | {dt:.2f} | {dt / b:.2f} | {3600 * b / dt:.0f} | {1000 * dt / (steps - 1):.0f} "
                       f"| {peak:.1f} | {mode} |", flush=True)
