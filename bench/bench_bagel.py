@@ -7,10 +7,12 @@
                                                       # old (masked) vs new (split) attention, same run
 
 --attention: "split" (default: context and image attention merged by log-sum-exp, the
-image part unmasked) or "masked" (the earlier single key-masked attention); several
-modes run one after another on the same weights. --compile: torch.compile the LLM layers'
-norms, RoPE and MLPs. --compare: before timing, the relative L2 distance between the
-final latents of each mode and the first one (largest size, batch 2, <= 10 steps).
+image part unmasked), "split:KERNEL" (try KERNEL first for the image part: cudnn, flash,
+efficient, ...) or "masked" (the earlier single key-masked attention); several modes run
+one after another on the same weights; the kernels that passed their self-check are printed
+at the end. --compile: torch.compile the LLM layers' norms, RoPE and MLPs. --compare: before
+timing, the relative L2 distance between the final latents of each mode and the first one
+(largest size, batch 2, <= 10 steps), beside the batched-vs-alone noise floor.
 
 Each row of a batch has its own prompt and noise; sampler settings are the reference
 notebook's (t2i: cfg_text 4, cfg_img 1, interval [0.4, 1], global renorm, shift 3; edit:
@@ -89,14 +91,31 @@ def run_t2i(model, ae, size: int, batch: int, steps: int, attention: str = "spli
         S.decode_to_uint8(ae, S.unpack_latent(model, x, size, size))
 
 
+DEFAULT_ORDER = list(attn.UNMASKED_ORDER)
+
+
+def attention_mode(mode: str) -> str:
+    name, _, kernel = mode.partition(":")
+    if name not in ("masked", "split") or (kernel and (name != "split" or kernel not in attn.KERNELS)):
+        raise argparse.ArgumentTypeError(f"expected masked, split or split:KERNEL ({', '.join(attn.KERNELS)}), got {mode!r}")
+    return mode
+
+
+def use(mode: str) -> str:
+    """Set the kernel order for `mode`; returns denoise's attention argument."""
+    name, _, kernel = mode.partition(":")
+    attn.UNMASKED_ORDER[:] = ([kernel] if kernel else []) + [k for k in DEFAULT_ORDER if k != kernel]
+    return name
+
+
 def compare(model, modes: list[str], size: int, steps: int) -> None:
     rows = t2i_rows(model, size, 2, steps, seed=5)
-    ref = S.denoise(model, rows, SPECIAL, attention=modes[0])
-    alone = [S.denoise(model, [r], SPECIAL, attention=modes[0])[0] for r in rows]
+    ref = S.denoise(model, rows, SPECIAL, attention=use(modes[0]))
+    alone = [S.denoise(model, [r], SPECIAL, attention=use(modes[0]))[0] for r in rows]
     rel = max(float((a - b).norm() / b.norm()) for a, b in zip(alone, ref))
     print(f"# {modes[0]}, rows alone vs batched: final latents rel L2 {rel:.2e} (the noise floor of this dtype)", flush=True)
     for mode in modes[1:]:
-        got = S.denoise(model, rows, SPECIAL, attention=mode)
+        got = S.denoise(model, rows, SPECIAL, attention=use(mode))
         rel = max(float((a - b).norm() / b.norm()) for a, b in zip(got, ref))
         print(f"# {mode} vs {modes[0]}: final latents rel L2 {rel:.2e} ({size}², batch 2, {steps} steps)", flush=True)
 
@@ -139,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--no-edit", action="store_true")
-    ap.add_argument("--attention", nargs="+", default=["split"], choices=["split", "masked"])
+    ap.add_argument("--attention", nargs="+", default=["split"], type=attention_mode,
+                    help="masked | split | split:KERNEL (KERNEL first for the unmasked image part: "
+                         + ", ".join(attn.UNMASKED_ORDER) + ")")
     ap.add_argument("--compile", action="store_true", help="torch.compile the LLM layers' norms, RoPE and MLPs")
     ap.add_argument("--compare", action="store_true", help="print how far each --attention mode's latents are from the first's")
     args = ap.parse_args(argv)
@@ -163,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         compare(model, args.attention, max(sizes), min(steps, 10))
     print("| task | size | batch | s/batch | s/image | images/hour | ms/step (batch) | peak GiB | attention |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for mode in args.attention:
+    for label in args.attention:
+        mode = use(label)
         for size in sizes:
             run_t2i(model, ae, size, 1, 2, mode)  # warm-up (kernels, allocator, compiled graphs)
             for b in batches:
@@ -171,13 +193,13 @@ def main(argv: list[str] | None = None) -> int:
                     run_t2i(model, ae, size, b, 6, mode)
                 dt, peak = measure(lambda: run_t2i(model, ae, size, b, steps, mode), device)
                 print(f"| t2i | {size}² | {b} | {dt:.2f} | {dt / b:.2f} | {3600 * b / dt:.0f} | {1000 * dt / (steps - 1):.0f} "
-                      f"| {peak:.1f} | {mode} |", flush=True)
+                      f"| {peak:.1f} | {label} |", flush=True)
         if not args.no_edit:
             size = max(sizes)
             run_edit(model, ae, size, 2, vae_rule, vit_rule, mode)
             dt, peak = measure(lambda: run_edit(model, ae, size, steps, vae_rule, vit_rule, mode), device)
             print(f"| edit | {size}² in | 1 | {dt:.2f} | {dt:.2f} | {3600 / dt:.0f} | {1000 * dt / (steps - 1):.0f} "
-                  f"| {peak:.1f} | {mode} |", flush=True)
+                  f"| {peak:.1f} | {label} |", flush=True)
     print(f"\n# attention kernels (self-checked against the math): {attn.kernels_checked() or 'none used (CPU: math)'}")
     return 0
 

@@ -116,3 +116,24 @@ def test_long_contexts_run_unmasked_per_length(monkeypatch):
     long = make_plan(seq_lens, ctx_lens=ctx_lens, rows=rows, split=True)
     assert [(p.sub.tolist(), p.lc, p.mask) for p in long.groups[0].parts] == [([0, 2], 9, None), ([1], 4, None)]
     torch.testing.assert_close(attention(q, k, v, long, cache, 0), want, atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_failing_on_a_real_call_is_dropped(monkeypatch, caplog):
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(1, 2, 4, 8, generator=g), torch.randn(1, 2, 6, 8, generator=g), torch.randn(1, 2, 6, 8, generator=g)
+
+    def small_only(q, k, v, mask):
+        if q.shape[2] > 4:
+            raise RuntimeError("unsupported sequence length")
+        return attn.math_lse(q, k, v, mask)
+
+    monkeypatch.setattr(attn, "KERNELS", {"small_only": small_only})
+    monkeypatch.setattr(attn, "_VERIFIED", {})
+    monkeypatch.setattr(attn, "candidates", lambda q, masked: ["small_only"])
+    monkeypatch.setattr(attn, "_works", lambda name, q, k, masked: attn._VERIFIED.setdefault(
+        (name, q.device.type, q.dtype, q.shape[1], k.shape[1], q.shape[3], masked), True))
+    attn.sdpa_lse(q, k, v)
+    big = torch.randn(1, 2, 9, 8, generator=g)
+    out, lse = attn.sdpa_lse(big, k, v)  # raises inside: math instead, and the kernel is dropped
+    torch.testing.assert_close(lse, attn.math_lse(big, k, v)[1])
+    assert list(attn._VERIFIED.values()) == [False] and "failed" in caplog.text

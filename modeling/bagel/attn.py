@@ -6,9 +6,9 @@ softmaxes: out = out_b + sigmoid(lse_a - lse_b) * (out_a - out_b). Part (b) has 
 length for every sequence of one image size, so it runs unmasked (flash kernel on CUDA);
 only the short part (a) pads the rows' contexts and needs a key mask.
 
-`sdpa_lse` returns (out, lse) from the CUDA flash / memory-efficient kernels through
-their aten ops, or from a chunked float32 math fallback (CPU, or when a kernel fails its
-one-time self-check against the math on this device).
+`sdpa_lse` returns (out, lse) from the CUDA cuDNN / flash / memory-efficient kernels
+through their aten ops, or from a chunked float32 math fallback (CPU, or when a kernel
+fails its one-time self-check against the math on this device).
 """
 
 from __future__ import annotations
@@ -71,17 +71,35 @@ def _efficient(q, k, v, key_mask):
     return out, lse[..., : q.shape[2]]
 
 
-KERNELS = {"flash": _flash, "flash_expanded": _flash_expanded, "efficient": _efficient}
+def _cudnn(q, k, v, key_mask):
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False)[:2]
+    return out, lse.reshape(q.shape[:3])  # cuDNN's stats are [B, H, L, 1]
+
+
+def _cudnn_expanded(q, k, v, key_mask):
+    g = q.shape[1] // k.shape[1]
+    return _cudnn(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), key_mask)
+
+
+KERNELS = {"cudnn": _cudnn, "cudnn_expanded": _cudnn_expanded, "flash": _flash, "flash_expanded": _flash_expanded,
+           "efficient": _efficient}
+# unmasked 16-bit attention, best first (cuDNN's fused attention is the fastest on Hopper);
+# a benchmark may reorder it
+UNMASKED_ORDER = ["cudnn", "cudnn_expanded", "flash", "flash_expanded", "efficient"]
 
 
 def _works(name: str, q: Tensor, k: Tensor, masked: bool) -> bool:
-    """Run kernel `name` once on small random inputs shaped like (q, k) and compare with the math."""
+    """Run kernel `name` once on random inputs of (q, k)'s lengths and heads (batch 2) and
+    compare with the math; a kernel that raises or differs is not used for this kind of call."""
     key = (name, q.device.type, q.dtype, q.shape[1], k.shape[1], q.shape[3], masked)
     if key not in _VERIFIED:
         g = torch.Generator(device=q.device).manual_seed(0)
         rnd = lambda *s: torch.randn(*s, device=q.device, generator=g).to(q.dtype)  # noqa: E731
-        tq, tk, tv = rnd(2, q.shape[1], 37, q.shape[3]), rnd(2, k.shape[1], 70, q.shape[3]), rnd(2, k.shape[1], 70, q.shape[3])
-        mask = torch.arange(70, device=q.device)[None, :] < torch.tensor([[70], [23]], device=q.device) if masked else None
+        (_, H, Lq, D), Hkv, Lk = q.shape, k.shape[1], k.shape[2]
+        tq, tk, tv = rnd(2, H, Lq, D), rnd(2, Hkv, Lk, D), rnd(2, Hkv, Lk, D)
+        mask = None
+        if masked:
+            mask = torch.arange(Lk, device=q.device)[None, :] < torch.tensor([[Lk], [Lk // 3 + 1]], device=q.device)
         try:
             out, lse = KERNELS[name](tq, tk, tv, mask)
             ref, ref_lse = math_lse(tq, tk, tv, mask)
@@ -98,9 +116,14 @@ def _works(name: str, q: Tensor, k: Tensor, masked: bool) -> bool:
 
 def sdpa_lse(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Attention with its log-sum-exp: q [B, H, Lq, D], k/v [B, Hkv, Lk, D], key_mask [B, Lk]."""
-    for name in candidates(q, key_mask is not None):
-        if _works(name, q, k, key_mask is not None):
-            return KERNELS[name](q, k, v, key_mask)
+    masked = key_mask is not None
+    for name in candidates(q, masked):
+        if _works(name, q, k, masked):
+            try:
+                return KERNELS[name](q, k, v, key_mask)
+            except RuntimeError as e:  # e.g. a shape this kernel does not take: stop using it
+                log.warning("attention kernel %s failed (%s); falling back", name, e)
+                _VERIFIED[(name, q.device.type, q.dtype, q.shape[1], k.shape[1], q.shape[3], masked)] = False
     return math_lse(q, k, v, key_mask)
 
 
@@ -110,7 +133,7 @@ def candidates(q: Tensor, masked: bool) -> list[str]:
         return []
     if masked or q.dtype not in (torch.float16, torch.bfloat16):
         return ["efficient"]
-    return ["flash", "flash_expanded", "efficient"]
+    return list(UNMASKED_ORDER)
 
 
 def kernels_checked() -> dict[str, bool]:
