@@ -13,6 +13,7 @@ one after another on the same weights; the kernels that passed their self-check 
 at the end. --compile: torch.compile the LLM layers' norms, RoPE and MLPs. --compare: before
 timing, the relative L2 distance between the final latents of each mode and the first one
 (largest size, batch 2, <= 10 steps), beside the batched-vs-alone noise floor.
+--attention-micro: first, one layer's attention alone per mode (largest size and batch, CFG on).
 
 Each row of a batch has its own prompt and noise; sampler settings are the reference
 notebook's (t2i: cfg_text 4, cfg_img 1, interval [0.4, 1], global renorm, shift 3; edit:
@@ -108,6 +109,35 @@ def use(mode: str) -> str:
     return name
 
 
+def attention_micro(p, modes: list[str], size: int, batch: int, device: str, dtype: torch.dtype, iters: int = 20) -> None:
+    """Time one layer's attention of a CFG denoising step (batch rows: conditional branch with
+    a 14..42-token prompt context, CFG-text branch with none) for each mode."""
+    from modeling.bagel.layers import KVCache, attention, make_plan
+
+    g = torch.Generator().manual_seed(0)
+    n = (size // p.latent_downsample) ** 2 + 2
+    ctx = [int(torch.randint(14, 43, (1,), generator=g)) for _ in range(batch)] + [0] * batch
+    rows = list(range(batch)) + [batch] * batch
+    cache = KVCache(1, ctx[:batch] + [0], p.num_kv_heads, p.head_dim, device, dtype)
+    cache.k[0].normal_()
+    cache.v[0].normal_()
+    N = n * 2 * batch
+    q = torch.randn(N, p.num_heads, p.head_dim, device=device, dtype=dtype)
+    k, v = (torch.randn(N, p.num_kv_heads, p.head_dim, device=device, dtype=dtype) for _ in range(2))
+    for label in modes:
+        plan = make_plan([n] * 2 * batch, ctx_lens=ctx, rows=rows, split=use(label) == "split", device=device)
+        with torch.inference_mode():
+            attention(q, k, v, plan, cache, 0)  # self-checks, warm-up
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                attention(q, k, v, plan, cache, 0)
+            sync(device)
+        ms = 1000 * (time.perf_counter() - t0) / iters
+        print(f"# attention of one layer, {size}² batch {batch} with CFG ({2 * batch} x {n} tokens), {label}: "
+              f"{ms:.2f} ms (x {p.num_layers} layers = {ms * p.num_layers:.0f} ms per step)", flush=True)
+
+
 def compare(model, modes: list[str], size: int, steps: int) -> None:
     rows = t2i_rows(model, size, 2, steps, seed=5)
     ref = S.denoise(model, rows, SPECIAL, attention=use(modes[0]))
@@ -162,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="masked | split | split:KERNEL (KERNEL first for the unmasked image part: "
                          + ", ".join(attn.UNMASKED_ORDER) + ")")
     ap.add_argument("--compile", action="store_true", help="torch.compile the LLM layers' norms, RoPE and MLPs")
+    ap.add_argument("--attention-micro", action="store_true",
+                    help="first time one layer's attention alone for each --attention mode (largest size and batch)")
     ap.add_argument("--compare", action="store_true", help="print how far each --attention mode's latents are from the first's")
     args = ap.parse_args(argv)
     device = args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
@@ -180,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     print(f"# {name}, {dtype}, VAE {args.vae_dtype}, {gpu}; built in {time.perf_counter() - t0:.1f}s; {steps} steps"
           f"{'; compiled norms/RoPE/MLPs' if args.compile else ''}\n")
+    if args.attention_micro:
+        attention_micro(model.params, args.attention, max(sizes), max(batches), device, dtype)
     if args.compare:
         compare(model, args.attention, max(sizes), min(steps, 10))
     print("| task | size | batch | s/batch | s/image | images/hour | ms/step (batch) | peak GiB | attention |")
