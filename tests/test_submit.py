@@ -17,11 +17,12 @@ from tests.conftest import ROOT, TOY, free_port, write_manifest
 @pytest.fixture
 def ray_head(tmp_path):
     """A separate Ray head started with `ray start --block` (1 declared GPU), torn down
-    with its process group. Token auth is on by default in Ray 2.60."""
+    with its process group. Token auth is on by default in Ray 2.60. Its job agent gets
+    its own port: the session's Ray already holds the default one (52365)."""
     port, dash = free_port(), free_port()
     ray_bin = str(Path(sys.executable).with_name("ray"))
     proc = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dash}", "--num-cpus=4", "--num-gpus=1", "--include-dashboard=true",
+                             f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={free_port()}", "--num-cpus=4", "--num-gpus=1", "--include-dashboard=true",
                              "--disable-usage-stats"], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             # job entrypoints run `python`: this interpreter, as on a cluster built from one image
                             env={**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])})
