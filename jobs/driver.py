@@ -163,8 +163,9 @@ def run_job(spec: JobSpec, *, new_run: bool = False, interactive: bool | None = 
     finally:
         stop.set()
         thread.join()
-        progress.update(watcher.poll())
+        tally = watcher.poll()  # the watcher has read every commit record once: no second pass
+        progress.update(tally)
         progress.close()
-        result = summary(spec.output, started_at=started, committed_before=len(committed), status=status)
+        result = summary(tally, expected=plan.expected_pairs, started_at=started, committed_before=len(committed), status=status)
         write_summary(spec.output, result)
     return result

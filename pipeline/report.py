@@ -60,14 +60,13 @@ def stage_throughput(t: Tally) -> dict[str, float]:
     return {s: round(t.stage_rows[s] / sec, 3) for s, sec in t.stage_seconds.items() if sec > 0}
 
 
-def summary(output: str, *, started_at: float, committed_before: int, status: str) -> dict:
-    job = read_job(output) or {}
-    t = CommitWatcher(output).poll()
+def summary(t: Tally, *, expected: int, started_at: float, committed_before: int, status: str) -> dict:
+    """The end-of-run summary from the tally of every commit record (this run's and earlier ones)."""
     wall = time.time() - started_at
     new_rows = t.rows - committed_before
     return {
         "status": status,
-        "expected": job.get("expected_pairs"),
+        "expected": expected,
         "committed": t.pairs,
         "images": t.images,
         "texts": t.texts,
