@@ -8,7 +8,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from pipeline.resume import SUMMARY_FILE, Commit, list_commits, read_commits, read_job
+from pipeline.resume import SUMMARY_FILE, Commit, list_commits, read_commits, read_job, shard_of
 from pipeline.storage import filesystem, join, write_atomic
 
 log = logging.getLogger("genfleet")
@@ -47,11 +47,10 @@ class CommitWatcher:
             self.tally.add(c.stats)
 
     def poll(self) -> Tally:
-        new = [p for p in list_commits(self.output) if p.rsplit("/", 1)[-1].split(".", 1)[0] not in self.seen]
+        new = [p for p in list_commits(self.output) if shard_of(p) not in self.seen]
         for c in read_commits(self.output, new):
-            if c.name not in self.seen:
-                self.seen.add(c.name)
-                self.tally.add(c.stats)
+            self.seen.add(c.name)
+            self.tally.add(c.stats)
         return self.tally
 
 

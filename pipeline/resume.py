@@ -35,7 +35,8 @@ class Commit:
     keys: np.ndarray | None = None  # pair hashes, when asked for
 
 
-def _stem(path: str) -> str:
+def shard_of(path: str) -> str:
+    """The shard a file belongs to: `.../images/part-ab12.parquet` -> `part-ab12`."""
     return path.rsplit("/", 1)[-1].split(".", 1)[0]
 
 
@@ -59,7 +60,7 @@ def read_commits(output: str, paths: list[str], with_keys: bool = False) -> list
         table = pq.read_table(io.BytesIO(blobs[path]), columns=["id", "sample_index"] if with_keys else [])
         stats = json.loads(pq.read_schema(io.BytesIO(blobs[path])).metadata[STATS_KEY])
         keys = pair_hashes(table.column("id").to_pylist(), table.column("sample_index").to_pylist()) if with_keys else None
-        commits.append(Commit(_stem(path), stats, keys))
+        commits.append(Commit(shard_of(path), stats, keys))
     return commits
 
 
@@ -80,7 +81,7 @@ def remove_debris(output: str, committed: set[str]) -> list[str]:
         except FileNotFoundError:
             continue
         for p in paths:
-            if ".tmp-" in p or _stem(p) not in committed:
+            if ".tmp-" in p or shard_of(p) not in committed:
                 fs.rm(p)
                 removed.append(p)
     return removed

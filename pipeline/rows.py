@@ -36,10 +36,6 @@ def from_block(block: pa.Table | dict) -> list[Row]:
     return [pickle.loads(v) for v in values]
 
 
-def error_of(row: Row) -> dict | None:
-    return row.get("error")
-
-
 def fail(row: Row, stage: str, kind: str, message: str) -> Row:
     """Mark `row` failed; later stages pass it through untouched."""
     row["error"] = {"stage": stage, "kind": kind, "message": message[:2000]}

@@ -68,8 +68,9 @@ class Expand:
         self.family, self.job_seed, self.sampler = get_family(family), job_seed, sampler
         self.max_prompt_chars, self.duplicates, self.committed = max_prompt_chars, duplicates, committed
 
-    def check(self, m: dict) -> tuple[str, int, dict]:
-        """Raises RowError for a bad row; returns (task, num_samples, params)."""
+    def check(self, m: dict) -> dict:
+        """Raises RowError for a bad row; returns its validated task, num_samples,
+        seed (the row's or the job's), width, height and params."""
         if not m.get("id"):
             raise RowError("missing_id", "id is null or empty")
         if m["_ordinal"] in self.duplicates:
@@ -84,16 +85,16 @@ class Expand:
             raise RowError("empty_prompt", "prompt is empty")
         if prompt is not None and len(prompt) > self.max_prompt_chars:
             raise RowError("prompt_too_long", f"prompt has {len(prompt)} characters (limit {self.max_prompt_chars})")
-        _int_field(m.get("seed"), "seed", 0, 2**63 - 1)
-        for side in ("width", "height"):
-            _int_field(m.get(side), side, 1, MAX_SIDE)
+        seed = _int_field(m.get("seed"), "seed", 0, 2**63 - 1)
+        width, height = (_int_field(m.get(side), side, 1, MAX_SIDE) for side in ("width", "height"))
         n = samples_of(m.get("num_samples"))
         if n is None:
             raise RowError("bad_num_samples", f"num_samples must be an integer in [1, {MAX_SAMPLES_PER_ROW}], got {m.get('num_samples')}")
         if task in NEEDS_IMAGE and m.get("image") in (None, b"", ""):
             raise RowError("missing_input", f"task {task!r} needs an image")
         params = self.family.params_for(task, {**self.sampler.get(task, {}), **_params(m.get("params"))})
-        return task, n, params
+        return {"task": task, "num_samples": n, "seed": self.job_seed if seed is None else seed,
+                "width": width, "height": height, "params": params}
 
     def __call__(self, table: pa.Table) -> pa.Table:
         out: list[Row] = []
@@ -101,7 +102,7 @@ class Expand:
             extras = {k: v for k, v in m.items() if k not in KNOWN_COLUMNS and k != "_ordinal"}
             base = {"id": m.get("id") or "", "task": m.get("task") or "t2i", "prompt": m.get("prompt"), "extras": extras}
             try:
-                task, n, params = self.check(m)
+                item = self.check(m)
             except RowError as e:
                 key = -(self.duplicates.get(m["_ordinal"], 0) + 1)
                 # the record stands for all the pairs the plan expected of this row
@@ -109,13 +110,9 @@ class Expand:
                 if not self.committed.contains(pair_hashes([base["id"]], [key]))[0]:
                     out.append(fail({**base, "sample_index": key, "covers": covers}, "validate", e.kind, str(e)))
                 continue
-            seed = self.job_seed if m.get("seed") is None else int(m["seed"])
+            n, seed = item.pop("num_samples"), item["seed"]
             todo = [i for i, done in enumerate(self.committed.contains(pair_hashes([m["id"]] * n, range(n)))) if not done]
             for i in todo:
-                out.append({
-                    **base, "task": task, "sample_index": i, "seed": seed, "sample_seed": sample_seed(seed, m["id"], i),
-                    "negative_prompt": m.get("negative_prompt"), "width": _int_field(m.get("width"), "width", 1, MAX_SIDE),
-                    "height": _int_field(m.get("height"), "height", 1, MAX_SIDE), "image": m.get("image"),
-                    "mask": m.get("mask"), "params": params,
-                })
+                out.append({**base, **item, "sample_index": i, "sample_seed": sample_seed(seed, m["id"], i),
+                            "negative_prompt": m.get("negative_prompt"), "image": m.get("image"), "mask": m.get("mask")})
         return to_block(out)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -83,7 +82,3 @@ def write_manifest(url: str, rows: list[dict] | dict, schema: pa.Schema | None =
     with fs.open(path, "wb") as f:
         pq.write_table(table, f, row_group_size=row_group_size)
     return url
-
-
-def python() -> str:
-    return sys.executable

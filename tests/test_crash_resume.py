@@ -13,8 +13,9 @@ import time
 import pyarrow as pa
 
 from jobs.driver import run_job
-from pipeline.resume import list_commits
+from pipeline.resume import list_commits, shard_of
 from pipeline.spec import load_spec
+from pipeline.storage import filesystem
 from tests.conftest import ROOT, TOY, write_manifest
 from tests.test_job_s3 import read
 
@@ -105,11 +106,9 @@ def test_sigkill_at_several_points_then_resume(ray_cluster, bucket):
     assert sorted(err_keys) == [("c02", 0, "RuntimeError"), ("c02", 1, "RuntimeError"), ("c02", 2, "RuntimeError"),
                                 ("c05", -1, "empty_prompt"), ("c07", -2, "duplicate_id")]
     # no debris: every shard file belongs to a committed shard
-    committed = {p.rsplit("/", 1)[-1].split(".")[0] for p in list_commits(output)}
-    from pipeline.storage import filesystem
-
+    committed = {shard_of(p) for p in list_commits(output)}
     fs, path = filesystem(output)
     for f in fs.find(path):
         rel = f[len(path) + 1:]
         if "/" in rel:
-            assert rel.split("/")[-1].split(".")[0] in committed, rel
+            assert shard_of(rel) in committed, rel
