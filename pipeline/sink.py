@@ -61,14 +61,26 @@ def _parquet_bytes(table: pa.Table, metadata: dict | None = None) -> bytes:
     return buf.getvalue()
 
 
+def _keys(rows: list[Row]) -> dict[str, pa.Array]:
+    """The (id, sample_index) key columns every table of a shard starts with."""
+    return {"id": pa.array([r["id"] for r in rows], pa.string()),
+            "sample_index": pa.array([r["sample_index"] for r in rows], pa.int64())}
+
+
+def _model_columns(rows: list[Row], cfg: SinkConfig) -> dict[str, pa.Array]:
+    """Which model made a row, and with which sampler settings."""
+    return {"family": pa.array([cfg.family] * len(rows), pa.string()),
+            "model": pa.array([cfg.model] * len(rows), pa.string()),
+            "sampler": pa.array([json.dumps(r["params"], sort_keys=True) for r in rows], pa.string())}
+
+
 def _extras(rows: list[Row], schema: pa.Schema) -> dict[str, pa.Array]:
     return {f.name: pa.array([r.get("extras", {}).get(f.name) for r in rows], f.type) for f in schema}
 
 
 def _image_table(rows: list[Row], cfg: SinkConfig) -> pa.Table:
     cols = {
-        "id": pa.array([r["id"] for r in rows], pa.string()),
-        "sample_index": pa.array([r["sample_index"] for r in rows], pa.int64()),
+        **_keys(rows),
         "image": pa.array([r["image_bytes"] for r in rows], pa.binary()),
         "format": pa.array([cfg.image_format] * len(rows), pa.string()),
         "width": pa.array([r["width"] for r in rows], pa.int32()),
@@ -78,9 +90,7 @@ def _image_table(rows: list[Row], cfg: SinkConfig) -> pa.Table:
         "task": pa.array([r["task"] for r in rows], pa.string()),
         "prompt": pa.array([r.get("prompt") for r in rows], pa.string()),
         "negative_prompt": pa.array([r.get("negative_prompt") for r in rows], pa.string()),
-        "family": pa.array([cfg.family] * len(rows), pa.string()),
-        "model": pa.array([cfg.model] * len(rows), pa.string()),
-        "sampler": pa.array([json.dumps(r["params"], sort_keys=True) for r in rows], pa.string()),
+        **_model_columns(rows, cfg),
     }
     return pa.table({**cols, **_extras(rows, cfg.extra_schema)})
 
@@ -88,8 +98,7 @@ def _image_table(rows: list[Row], cfg: SinkConfig) -> pa.Table:
 def _embedding_table(rows: list[Row]) -> pa.Table:
     names = sorted({n for r in rows for n in r["embeddings"]})
     cols = {
-        "id": pa.array([r["id"] for r in rows], pa.string()),
-        "sample_index": pa.array([r["sample_index"] for r in rows], pa.int64()),
+        **_keys(rows),
     }
     for n in names:
         vals = [r["embeddings"].get(n) for r in rows]
@@ -99,22 +108,18 @@ def _embedding_table(rows: list[Row]) -> pa.Table:
 
 def _text_table(rows: list[Row], cfg: SinkConfig) -> pa.Table:
     cols = {
-        "id": pa.array([r["id"] for r in rows], pa.string()),
-        "sample_index": pa.array([r["sample_index"] for r in rows], pa.int64()),
+        **_keys(rows),
         "task": pa.array([r["task"] for r in rows], pa.string()),
         "prompt": pa.array([r.get("prompt") for r in rows], pa.string()),
         "text": pa.array([r["text"] for r in rows], pa.string()),
-        "family": pa.array([cfg.family] * len(rows), pa.string()),
-        "model": pa.array([cfg.model] * len(rows), pa.string()),
-        "sampler": pa.array([json.dumps(r["params"], sort_keys=True) for r in rows], pa.string()),
+        **_model_columns(rows, cfg),
     }
     return pa.table({**cols, **_extras(rows, cfg.extra_schema)})
 
 
 def _error_table(rows: list[Row]) -> pa.Table:
     return pa.table({
-        "id": pa.array([r["id"] for r in rows], pa.string()),
-        "sample_index": pa.array([r["sample_index"] for r in rows], pa.int64()),
+        **_keys(rows),
         "task": pa.array([r.get("task") for r in rows], pa.string()),
         "stage": pa.array([r["error"]["stage"] for r in rows], pa.string()),
         "kind": pa.array([r["error"]["kind"] for r in rows], pa.string()),
@@ -190,8 +195,7 @@ def write_shard(rows: list[Row], cfg: SinkConfig) -> dict:
             write_atomic(fs, join(root, dataset, f"{name}.{ext}"), make())
     stats = {"shard": name, **_stats(rows, errors)}
     commit = pa.table({
-        "id": pa.array([r["id"] for r in rows], pa.string()),
-        "sample_index": pa.array([r["sample_index"] for r in rows], pa.int64()),
+        **_keys(rows),
         "status": pa.array(["error" if "error" in r else "ok" for r in rows], pa.string()),
     })
     write_atomic(fs, join(root, COMMITS, f"{name}.parquet"), _parquet_bytes(commit, {STATS_KEY: json.dumps(stats).encode()}))
