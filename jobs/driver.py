@@ -35,14 +35,15 @@ log = logging.getLogger("genfleet")
 POLL_SECONDS = 2.0
 
 
-def connect(spec: JobSpec) -> None:
-    """Use the cluster named by the spec or RAY_ADDRESS; otherwise start a local one."""
+def connect(spec: JobSpec) -> bool:
+    """Use the cluster named by the spec or RAY_ADDRESS; otherwise start a local one.
+    True when this call connected (and so the job should disconnect at its end)."""
     if ray.is_initialized():
-        return
+        return False
     address = spec.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
-        return
+        return True
     ray.init(
         address="local",  # a new local Ray: never attach to whatever other Ray runs on this machine
         num_cpus=spec.ray.num_cpus or max(4, os.cpu_count() or 1),
@@ -52,6 +53,7 @@ def connect(spec: JobSpec) -> None:
         # workers import jobs/pipeline/modeling (and test families) like the driver does
         runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}},
     )
+    return True
 
 
 def check_job(spec: JobSpec):
@@ -137,7 +139,16 @@ def run_job(spec: JobSpec, *, new_run: bool = False, interactive: bool | None = 
     sink_cfg = SinkConfig(output=spec.output, family=family.name, model=family.model_name(spec.model),
                           image_format=spec.output_options.image_format, webdataset=spec.output_options.webdataset,
                           extra_schema=pa.schema([manifest.schema.field(n) for n in manifest.extra_columns]))
-    connect(spec)
+    connected_here = connect(spec)
+    try:
+        return _execute(spec, groups, manifest, plan, committed, commits, sink_cfg, started, interactive)
+    finally:
+        if connected_here:
+            # Stop Ray, and the worker and GCS logs it forwards, before the CLI prints its last line.
+            ray.shutdown()
+
+
+def _execute(spec, groups, manifest, plan, committed, commits, sink_cfg, started, interactive) -> dict:
     DataContext.get_current().enable_progress_bars = False  # genfleet shows its own progress
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     check_resources(groups)
