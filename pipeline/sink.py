@@ -96,13 +96,24 @@ def _image_table(rows: list[Row], cfg: SinkConfig) -> pa.Table:
 
 
 def _embedding_table(rows: list[Row]) -> pa.Table:
+    """A 1-D embedding is a fixed-size float list (its size is the model's, so every shard
+    agrees); an N-D one (e.g. a latent whose shape follows the image size) is flattened
+    into a float list with its shape beside it in `<name>_shape`."""
     names = sorted({n for r in rows for n in r["embeddings"]})
-    cols = {
-        **_keys(rows),
-    }
+    cols = _keys(rows)
     for n in names:
-        vals = [r["embeddings"].get(n) for r in rows]
-        cols[n] = pa.array([None if v is None else np.asarray(v, np.float32).reshape(-1) for v in vals], pa.list_(pa.float32()))
+        vals = [None if r["embeddings"].get(n) is None else np.asarray(r["embeddings"][n], np.float32) for r in rows]
+        present = [v for v in vals if v is not None]
+        if all(v.ndim == 1 for v in present):
+            sizes = {v.size for v in present}
+            if len(sizes) != 1:
+                raise ValueError(f"embedding {n!r} has sizes {sorted(sizes)}: a 1-D embedding must have one size")
+            size = sizes.pop()
+            flat = np.concatenate([np.zeros(size, np.float32) if v is None else v for v in vals])  # a null's slots are masked
+            cols[n] = pa.FixedSizeListArray.from_arrays(pa.array(flat), size, mask=pa.array([v is None for v in vals]))
+        else:
+            cols[n] = pa.array([None if v is None else v.reshape(-1) for v in vals], pa.list_(pa.float32()))
+            cols[f"{n}_shape"] = pa.array([None if v is None else list(v.shape) for v in vals], pa.list_(pa.int32()))
     return pa.table(cols)
 
 
@@ -135,6 +146,8 @@ def _webdataset_tar(rows: list[Row], cfg: SinkConfig) -> bytes:
             info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed: same rows, same bytes
             tar.addfile(info, io.BytesIO(data))
 
+        # one embedding per sample: {key}.npy, as img2dataset; several: {key}.{name}.npy
+        single = len({n for r in rows for n in (r.get("embeddings") or {})}) == 1
         for r in sorted(rows, key=lambda r: (r["id"], r["sample_index"])):
             key = sample_key(r["id"], r["sample_index"])
             meta = {"id": r["id"], "sample_index": r["sample_index"], "task": r["task"], "prompt": r.get("prompt"),
@@ -144,8 +157,8 @@ def _webdataset_tar(rows: list[Row], cfg: SinkConfig) -> bytes:
             add(f"{key}.json", json.dumps(meta, sort_keys=True, default=str).encode())
             for name, emb in sorted((r.get("embeddings") or {}).items()):
                 npy = io.BytesIO()
-                np.save(npy, np.asarray(emb, np.float32).reshape(-1), allow_pickle=False)
-                add(f"{key}.{name}.npy" if len(r["embeddings"]) > 1 else f"{key}.npy", npy.getvalue())
+                np.save(npy, np.asarray(emb, np.float32), allow_pickle=False)  # with its shape
+                add(f"{key}.npy" if single else f"{key}.{name}.npy", npy.getvalue())
     return buf.getvalue()
 
 

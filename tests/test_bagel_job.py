@@ -80,7 +80,8 @@ def test_bagel_job_on_cpu(ray_cluster, job):
     # lmm batches of several rows: float32 GEMMs of other shapes round differently in the last
     # bits, so compare the latents (emit_latents) closely and the pixels within one level
     c = _run(job, "c", "stages.lmm.batch_size=4", "stages.lmm.colocate=true", "stages.vae_decode.colocate=true")
-    lat = lambda out: {(r["id"], r["sample_index"]): np.asarray(r["bagel_latent"]) for r in _read(out, "embeddings")}  # noqa: E731
+    lat = lambda out: {(r["id"], r["sample_index"]): np.reshape(r["bagel_latent"], r["bagel_latent_shape"])  # noqa: E731
+                       for r in _read(out, "embeddings")}
     la, lc = lat(a), lat(c)
     assert sorted(la) == sorted(images) == sorted(lc)
     for k in la:

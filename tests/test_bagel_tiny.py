@@ -69,7 +69,7 @@ def test_round_trip_all_tasks(ckpt):
     assert out[1]["pixels"].shape == (48, 64, 3)  # 90x60 -> long side 64, multiples of 16
     assert isinstance(out[2]["text"], str) and "pixels" not in out[2]
     assert out[3]["pixels"].shape == (16, 32, 3)
-    assert out[0]["embeddings"]["bagel_latent"].shape == (6 * 64,)
+    assert out[0]["embeddings"]["bagel_latent"].shape == (16, 32 // 8, 48 // 8)  # the AE's latent, decodable as is
     assert all(r.get("bagel_vae_pixels") is None and r.get("bagel_latent") is None for r in out)
 
     # all stages co-located on one actor (the runner's StageGroup) give the same outputs

@@ -49,6 +49,8 @@ def test_huggingface_datasets_parquet_builder(finished):
     ds = datasets.load_dataset("parquet", data_files={"train": f"{out}/images/*.parquet"}, split="train")
     assert len(ds) == 8 and set(ds.column_names) >= {"id", "sample_index", "image", "prompt", "seed", "sampler", "caption_source"}
     assert json.loads(ds[0]["sampler"]) == {"size": 16, "gain": 1.0}
+    emb = datasets.load_dataset("parquet", data_files={"train": f"{out}/embeddings/*.parquet"}, split="train")
+    assert emb.features["mean_color"].length == 3 and len(emb[0]["mean_color"]) == 3  # a fixed-size list
 
 
 def test_webdataset_shards(finished):

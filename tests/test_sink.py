@@ -59,3 +59,34 @@ def test_uncommitted_files_are_debris(tmp_path):
     removed = remove_debris(str(tmp_path), {c.name for c in commits})
     assert sorted(p.rsplit("/", 1)[-1] for p in removed) == sorted(["part-deadbeef.parquet", f"{stats['shard']}.parquet.tmp-123"])
     assert (tmp_path / "images" / f"{stats['shard']}.parquet").exists()
+
+
+def test_embedding_columns(tmp_path):
+    """1-D embeddings are fixed-size float lists (a missing one is null); N-D ones keep their shape."""
+    rs = rows(3, False)
+    rs[0]["embeddings"]["latent"] = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    rs[1]["embeddings"]["latent"] = np.ones((2, 1, 2), np.float32)
+    del rs[2]["embeddings"]["e"]
+    rs[2]["embeddings"]["latent"] = np.zeros((2, 1, 1), np.float32)
+    cfg = SinkConfig(output=str(tmp_path), family="f", model="m", webdataset=True)
+    name = write_shard(from_block(encode_block(to_block(rs), image_format="png", quality=95)), cfg)["shard"]
+    emb = pq.read_table(tmp_path / "embeddings" / f"{name}.parquet")
+    assert emb.schema.field("e").type == pa.list_(pa.float32(), 3)
+    assert emb["e"].to_pylist() == [[0, 1, 2], [1, 2, 3], None]
+    assert emb.schema.field("latent").type == pa.list_(pa.float32())
+    assert emb["latent_shape"].to_pylist() == [[2, 3, 4], [2, 1, 2], [2, 1, 1]]
+    first = np.asarray(emb["latent"][0].as_py(), np.float32).reshape(emb["latent_shape"][0].as_py())
+    np.testing.assert_array_equal(first, rs[0]["embeddings"]["latent"])
+
+    import tarfile
+    with tarfile.open(tmp_path / "webdataset" / f"{name}.tar") as tar:
+        npy = {m.name: np.load(io.BytesIO(tar.extractfile(m).read())) for m in tar.getmembers() if m.name.endswith(".npy")}
+    assert [v.shape for k, v in sorted(npy.items()) if k.endswith(".latent.npy")] == [(2, 3, 4), (2, 1, 2), (2, 1, 1)]
+
+
+def test_an_embedding_of_varying_size_is_a_family_bug(tmp_path):
+    rs = rows(2, False)
+    rs[1]["embeddings"]["e"] = np.zeros(5, np.float32)
+    with pytest.raises(ValueError, match="'e' has sizes \\[3, 5\\]"):
+        write_shard(from_block(encode_block(to_block(rs), image_format="png", quality=95)),
+                    SinkConfig(output=str(tmp_path), family="f", model="m"))

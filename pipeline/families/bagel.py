@@ -191,10 +191,10 @@ def _decode(ae, model_params, rows: list[Row], emit: bool) -> list[Row]:
         if r["task"] != "understand":
             h, w = r["bagel_size"]
             ds = model_params.latent_downsample
-            x = torch.from_numpy(np.asarray(r["bagel_latent"]))
-            out["pixels"] = decode_to_uint8(ae, unpatchify(x, h // ds, w // ds, model_params.latent_patch_size)).numpy()
+            latent = unpatchify(torch.from_numpy(np.asarray(r["bagel_latent"])), h // ds, w // ds, model_params.latent_patch_size)
+            out["pixels"] = decode_to_uint8(ae, latent).numpy()
             if emit:
-                out["embeddings"] = {"bagel_latent": x.reshape(-1).numpy().astype(np.float32)}
+                out["embeddings"] = {"bagel_latent": latent.numpy().astype(np.float32)}  # [C, H/8, W/8]
         out["bagel_latent"] = None
         outs.append(out)
     return outs
