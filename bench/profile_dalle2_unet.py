@@ -1,0 +1,88 @@
+"""Where the LAION decoder unet's time goes: one guided DDIM step at a batch size, by CUDA kernel.
+
+    python bench/profile_dalle2_unet.py --batch 64 --compile
+
+Builds the same random-weight unet as bench_dalle2.py and profiles a few forwards of the
+guided batch (cond + uncond = 2 x batch) with torch.profiler; prints the kernels that take the
+most GPU time and the share of each kind (convolution, GEMM, attention, normalisation, other).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_dalle2 import build  # noqa: E402
+
+# first match wins: Triton kernels are inductor's fusions (their names list the fused ops, often
+# "convolution" for a conv's epilogue); cuDNN's SDPA kernel is named "...fprop..." like a conv
+KINDS = (("fused (triton)", ("triton_",)), ("attention", ("sdpa", "flash", "fmha", "attention")),
+         ("conv", ("fprop", "implicit_gemm", "conv")), ("gemm", ("nvjet", "gemm", "cutlass", "matmul")))
+
+
+def kind(name: str) -> str:
+    low = name.lower()
+    return next((k for k, keys in KINDS if any(s in low for s in keys)), "other")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--compile", nargs="?", const="default", default=None)
+    ap.add_argument("--no-channels-last", action="store_true")
+    ap.add_argument("--steps", type=int, default=5, help="profiled forwards")
+    ap.add_argument("--top", type=int, default=25)
+    args = ap.parse_args(argv)
+    args.tiny = not torch.cuda.is_available()  # a CPU smoke run of the script itself
+    dev, dtype = ("cpu", torch.float32) if args.tiny else ("cuda", torch.bfloat16)
+    torch.backends.cudnn.benchmark = True
+    _, decoder, unet = build(args, dev, dtype)
+    if args.compile:
+        unet.forward = torch.compile(unet.forward, mode=args.compile)
+    p = decoder.params.unets[0]
+    b = 2 * args.batch  # guidance: cond and uncond in one forward
+    size = decoder.params.image_sizes[0]
+    x = torch.randn(b, 3, size, size, device=dev, dtype=dtype)
+    t = torch.randint(0, 1000, (b,), device=dev)
+    img_emb = torch.randn(b, p.image_embed_dim, device=dev, dtype=dtype)
+    enc = torch.randn(b, 77, p.text_embed_dim, device=dev, dtype=dtype)
+    drop = torch.arange(b, device=dev) >= args.batch  # the second half is the null branch
+
+    def step():
+        return unet(x, t, image_embed=img_emb, text_encodings=enc, drop=drop)
+
+    with torch.no_grad():
+        for _ in range(3):
+            step()
+        sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+        sync()
+        with profile(activities=[ProfilerActivity.CUDA if dev == "cuda" else ProfilerActivity.CPU]) as prof:
+            for _ in range(args.steps):
+                step()
+            sync()
+    per_kernel = defaultdict(float)
+    for e in prof.key_averages():
+        spent = e.self_device_time_total if dev == "cuda" else e.self_cpu_time_total
+        if spent:
+            per_kernel[e.key] += spent / args.steps / 1e3
+    total = sum(per_kernel.values())
+    shares = defaultdict(float)
+    for name, ms in per_kernel.items():
+        shares[kind(name)] += ms
+    print(f"batch {args.batch} (forward of {b}), compile={args.compile}: {total:.1f} ms GPU per forward")
+    print("by kind: " + ", ".join(f"{k} {v:.1f} ms ({100 * v / total:.0f}%)" for k, v in sorted(shares.items(), key=lambda kv: -kv[1])))
+    for name, ms in sorted(per_kernel.items(), key=lambda kv: -kv[1])[: args.top]:
+        print(f"{ms:8.2f} ms  {100 * ms / total:5.1f}%  {kind(name):9s} {name[:140]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
