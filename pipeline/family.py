@@ -15,7 +15,8 @@ A stage returns one dict per input row (same order) holding the fields it adds o
 replaces; anything picklable may travel between stages (numpy arrays, tensors on
 CPU). The last stage leaves, for the sink:
     pixels: uint8 numpy array (H, W, 3)  -> encoded to PNG/WebP/JPEG on CPU
-    embeddings: dict[str, 1-D float array] -> OUTPUT/embeddings/
+    embeddings: dict[str, float array]     -> OUTPUT/embeddings/ (1-D: one size per
+                                              model; N-D: stored with its shape)
     text: str                              -> OUTPUT/texts/ (understand rows)
 A stage that raises for a batch has it retried row by row; the rows that still
 raise go to OUTPUT/errors/ with the stage name and the exception's type.

@@ -4,7 +4,7 @@ Tasks: t2i, edit, understand. Stages, in order (each builds only what it needs):
     prepare     CPU   decode + resize the input image, tokenise the prompt, fix the size
     vae_encode  GPU   edit rows: input pixels -> clean latents (posterior sample, per-row seed)
     lmm         GPU   contexts + batched CFG denoising (t2i/edit), or text decoding (understand)
-    vae_decode  GPU   latents -> pixels; option emit_latents=true adds embeddings["bagel_latent"]
+    vae_decode  GPU   latents -> pixels; option emit_latents=true adds embeddings["bagel_latent"] [C, H/8, W/8]
 To run the GPU stages on one actor, co-locate them in the job spec
 (`stages: {lmm: {colocate: true}, vae_decode: {colocate: true}}`): co-located VAE stages
 with the same device and vae_dtype share one AE.
