@@ -42,7 +42,11 @@ def job(tmp_path_factory):
         {"id": "und", "task": "understand", "prompt": "what is in the picture?", "num_samples": 1, "width": None,
          "height": None, "image": _png(40, 50, 1)},
         {"id": "bad", "task": "t2i", "prompt": "a cat", "num_samples": 1, "width": 40, "height": 32, "image": None},
+        {"id": "plan", "task": "t2i", "prompt": "a green ball", "num_samples": 1, "width": 32, "height": 32, "image": None,
+         "params": '{"think": true, "max_think_token_n": 4}'},  # thinking: a plan in texts/, then the image
     ]
+    for r in rows:
+        r.setdefault("params", None)
     manifest = write_manifest(str(d / "manifest.parquet"), rows)
     return write_tiny(d / "tiny"), manifest, d
 
@@ -63,19 +67,21 @@ def _images(out):
 def test_bagel_job_on_cpu(ray_cluster, job):
     a = _run(job, "a", "stages.lmm.batch_size=1", "stages.prepare.batch_size=4")
     images = _images(a)
-    assert sorted(images) == [("edit", 0), ("t2i", 0), ("t2i", 1)]
+    assert sorted(images) == [("edit", 0), ("plan", 0), ("t2i", 0), ("t2i", 1)]
     sizes = {k: Image.open(io.BytesIO(v)).size for k, v in images.items()}
-    assert sizes == {("t2i", 0): (64, 32), ("t2i", 1): (64, 32), ("edit", 0): (96, 64)}  # 90x60 -> short side 64
+    assert sizes == {("t2i", 0): (64, 32), ("t2i", 1): (64, 32), ("edit", 0): (96, 64), ("plan", 0): (32, 32)}  # 90x60 -> short side 64
     assert images[("t2i", 0)] != images[("t2i", 1)]  # each sample has its own noise
     texts = _read(a, "texts")
-    assert [(r["id"], r["sample_index"]) for r in texts] == [("und", 0)] and isinstance(texts[0]["text"], str)
+    assert sorted((r["id"], r["sample_index"]) for r in texts) == [("plan", 0), ("und", 0)]
+    assert all(isinstance(r["text"], str) for r in texts)
     errors = {r["id"]: (r["stage"], r["kind"]) for r in _read(a, "errors")}
     assert errors == {"bad": ("prepare", "bad_params")}
 
     # other batch sizes, and vae_decode in lmm's actor: the same bytes
     b = _run(job, "b", "stages.lmm.batch_size=1", "stages.prepare.batch_size=1", "stages.vae_encode.batch_size=3",
              "stages.vae_decode.colocate=true")
-    assert sorted(_read(b, "texts")[0].items()) == sorted(texts[0].items())
+    by_key = lambda rows: sorted(sorted(r.items()) for r in rows)  # noqa: E731
+    assert by_key(_read(b, "texts")) == by_key(texts)
     assert _images(b) == images
     # lmm batches of several rows: float32 GEMMs of other shapes round differently in the last
     # bits, so compare the latents (emit_latents) closely and the pixels within one level

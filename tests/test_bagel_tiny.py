@@ -130,3 +130,44 @@ def test_quantize_needs_cuda_and_bitsandbytes(ckpt):
             check_quantize("nf4", "cuda")
     with pytest.raises(ValueError, match="attention"):
         lmm.build(StageContext(str(ckpt), "cpu", "float32", {"attention": "sparse"}))
+
+
+def test_think_mode(ckpt):
+    """think=true: understand reasons after the reference's system prompt; t2i and edit write a
+    plan first, which joins the conditional context of the image (and only that one)."""
+    from modeling.bagel import sampling as S
+
+    lat, vit = torch.zeros(16, 4, 4), torch.zeros(4, 588)
+    row = S.ImageRow([7, 8], 32, 32, torch.zeros(4, 64), vae_latent=lat, vit_patches=vit, vit_grid=(2, 2),
+                     system_ids=[5], plan_ids=[9])
+    assert S.image_contexts(row) == {  # the reference's gen / cfg_text / cfg_img contexts
+        "gen": [("text", [5]), ("vae", lat), ("vit", vit, (2, 2)), ("text", [7, 8]), ("text", [9])],
+        "text": [("text", [5]), ("vae", lat), ("vit", vit, (2, 2))],
+        "img": [("text", [5]), ("text", [7, 8])]}
+
+    ctx = StageContext(str(ckpt), "cpu", "float32", OPTIONS)
+    think = {"think": True, "max_think_token_n": 6}
+    img = _png()
+    rows = [
+        _row(0, "t2i", {"num_timesteps": 3, **think}, width=32, height=32),
+        _row(1, "t2i", {"num_timesteps": 3}, width=32, height=32),
+        _row(2, "edit", {"num_timesteps": 3, **think}, image=img, prompt="make it blue"),
+        _row(3, "understand", think, image=img, prompt="what is it?"),
+        _row(4, "understand", {"max_think_token_n": 6}, image=img, prompt="what is it?"),
+    ]
+    out = _run(FAMILY.stages(), ctx, rows)
+    assert isinstance(out[0]["text"], str) and out[0]["pixels"].shape == (32, 32, 3)  # a plan and an image
+    assert "text" not in out[1] or out[1]["text"] is None
+    assert isinstance(out[2]["text"], str) and out[2]["pixels"].shape == (48, 64, 3)
+    assert out[3]["text"] != out[4]["text"]  # the system prompt changes what the model says
+
+    # the plan is part of the image's context: the same row without thinking gives another image
+    plain = _run(FAMILY.stages(), ctx, [_row(0, "t2i", {"num_timesteps": 3}, width=32, height=32)])[0]
+    assert not np.allclose(plain["embeddings"]["bagel_latent"], out[0]["embeddings"]["bagel_latent"], atol=1e-4)
+    # and each thinking row alone gives what it gave in the mixed batch
+    for i in (0, 2, 3):
+        alone = _run(FAMILY.stages(), ctx, [rows[i]])[0]
+        assert alone["text"] == out[i]["text"]
+        if i != 3:
+            np.testing.assert_allclose(alone["embeddings"]["bagel_latent"], out[i]["embeddings"]["bagel_latent"],
+                                       rtol=0, atol=1e-4)

@@ -20,6 +20,15 @@ from modeling.bagel.model import Bagel
 from modeling.bagel.transforms import grid_ids, unpatchify
 
 RENORM_TYPES = ("global", "channel", "text_channel")
+# Thinking mode: the reference's system prompts, put before everything else in the context.
+# Understanding reasons before it answers; generation writes a plan, which joins the context
+# of the image's conditional branch.
+THINK_UNDERSTAND_PROMPT = (
+    "You should first think about the reasoning process in the mind and then provide the user with the answer. \n"
+    "The reasoning process is enclosed within <think> </think> tags, i.e. <think> reasoning process here </think> answer here")
+THINK_GENERATE_PROMPT = (
+    "You should first think about the planning process in the mind and then generate the image. \n"
+    "The planning process is enclosed within <think> </think> tags, i.e. <think> planning process here </think> image here")
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,8 @@ class ImageRow:
     vae_latent: Tensor | None = None  # edit: clean scaled latent [C, H/8, W/8]
     vit_patches: Tensor | None = None  # edit: [n, 3 * 14 * 14]
     vit_grid: tuple[int, int] | None = None
+    system_ids: list[int] | None = None  # thinking: THINK_GENERATE_PROMPT's ids
+    plan_ids: list[int] | None = None  # thinking: the generated plan's ids
 
 
 @dataclass
@@ -66,6 +77,18 @@ class TextRow:
     do_sample: bool = False
     temperature: float = 0.3
     generator: torch.Generator | None = None
+    system_ids: list[int] | None = None  # thinking: the system prompt's ids
+    vae_latent: Tensor | None = None  # planning an edit: the input's clean latent, as in its image context
+
+
+def text_context(row: TextRow) -> list:
+    """[system prompt] + [VAE image] + [ViT image] + prompt: what the text is generated after."""
+    ctx = [("text", row.system_ids)] if row.system_ids is not None else []
+    if row.vae_latent is not None:
+        ctx.append(("vae", row.vae_latent))
+    if row.vit_patches is not None:
+        ctx.append(("vit", row.vit_patches, row.vit_grid))
+    return ctx + [("text", row.prompt_ids)]
 
 
 def get_noise(model: Bagel, height: int, width: int, generator: torch.Generator) -> Tensor:
@@ -89,14 +112,17 @@ def schedule(num_timesteps: int, shift: float) -> tuple[Tensor, Tensor]:
 
 
 def image_contexts(row: ImageRow) -> dict[str, list]:
-    """gen = full context; text = without the prompt (CFG-text); img = prompt only (CFG-img)."""
+    """gen = full context (with the plan when thinking); text = without the prompt (CFG-text);
+    img = without the images (CFG-img). The system prompt, when thinking, leads all three."""
+    system = [("text", row.system_ids)] if row.system_ids is not None else []
     text = [("text", row.prompt_ids)]
+    plan = [("text", row.plan_ids)] if row.plan_ids is not None else []
     images = []
     if row.vae_latent is not None:
         images.append(("vae", row.vae_latent))
     if row.vit_patches is not None:
         images.append(("vit", row.vit_patches, row.vit_grid))
-    return {"gen": images + text, "text": images, "img": text}
+    return {"gen": system + images + text + plan, "text": system + images, "img": system + text}
 
 
 def _combine(v: Tensor, u_text: Tensor | None, u_img: Tensor | None, p: ImageParams) -> Tensor:
@@ -185,9 +211,9 @@ def denoise(model: Bagel, rows: list[ImageRow], special: SpecialTokens, attentio
 
 @torch.inference_mode()
 def generate_text(model: Bagel, rows: list[TextRow], special: SpecialTokens) -> list[list[int]]:
-    """Greedy or sampled decoding after [ViT image] + question; ids exclude bos/eos."""
+    """Greedy or sampled decoding after each row's text_context; ids exclude bos/eos."""
     dev = model.vae2llm.weight.device
-    contexts = [([("vit", r.vit_patches, r.vit_grid)] if r.vit_patches is not None else []) + [("text", r.prompt_ids)] for r in rows]
+    contexts = [text_context(r) for r in rows]
     steps = max(r.max_new_tokens for r in rows)
     ctx = Contexts(model, contexts, special, extra=steps + 1)
     outs: list[list[int]] = [[] for _ in rows]
@@ -235,5 +261,5 @@ def decode_to_uint8(ae, latent: Tensor) -> Tensor:
 
 __all__ = [
     "ImageParams", "ImageRow", "TextRow", "T2I_DEFAULTS", "EDIT_DEFAULTS", "schedule", "denoise",
-    "generate_text", "get_noise", "unpack_latent", "decode_to_uint8", "image_contexts", "replace", "Contexts",
+    "generate_text", "text_context", "THINK_UNDERSTAND_PROMPT", "THINK_GENERATE_PROMPT", "get_noise", "unpack_latent", "decode_to_uint8", "image_contexts", "replace", "Contexts",
 ]

@@ -3,7 +3,8 @@
 Tasks: t2i, edit, understand. Stages, in order (each builds only what it needs):
     prepare     CPU   decode + resize the input image, tokenise the prompt, fix the size
     vae_encode  GPU   edit rows: input pixels -> clean latents (posterior sample, per-row seed)
-    lmm         GPU   contexts + batched CFG denoising (t2i/edit), or text decoding (understand)
+    lmm         GPU   text decoding (understand, and the plan of think=true rows), then
+                      contexts + batched CFG denoising (t2i/edit)
     vae_decode  GPU   latents -> pixels; option emit_latents=true adds embeddings["bagel_latent"] [C, H/8, W/8]
 To run the GPU stages on one actor, co-locate them in the job spec
 (`stages: {lmm: {colocate: true}, vae_decode: {colocate: true}}`): co-located VAE stages
@@ -33,10 +34,14 @@ IMAGE_DEFAULTS: dict[str, Any] = {
     "cfg_text_scale": 4.0, "cfg_img_scale": 1.0, "cfg_interval": [0.4, 1.0], "cfg_renorm_type": "global",
     "cfg_renorm_min": 0.0, "timestep_shift": 3.0, "num_timesteps": 50,
 }
+# think: reason (understand) or plan (t2i, edit) in text first, as the reference's think=True;
+# the text settings apply to that text
+TEXT_DEFAULTS: dict[str, Any] = {"think": False, "max_think_token_n": 1000, "do_sample": False, "text_temperature": 0.3}
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "t2i": {**IMAGE_DEFAULTS, "image_shapes": [1024, 1024]},
-    "edit": {**IMAGE_DEFAULTS, "cfg_img_scale": 2.0, "cfg_interval": [0.0, 1.0], "cfg_renorm_type": "text_channel"},
-    "understand": {"max_think_token_n": 1000, "do_sample": False, "text_temperature": 0.3},
+    "t2i": {**IMAGE_DEFAULTS, "image_shapes": [1024, 1024], **TEXT_DEFAULTS},
+    "edit": {**IMAGE_DEFAULTS, "cfg_img_scale": 2.0, "cfg_interval": [0.0, 1.0], "cfg_renorm_type": "text_channel",
+             **TEXT_DEFAULTS},
+    "understand": TEXT_DEFAULTS,
 }
 VAE_SEED_SALT = 0x5EED_BA6E  # the VAE posterior draws from its own stream of the sample seed
 BIG_FIELDS = ("bagel_vae_pixels", "bagel_vit_patches", "bagel_vae_latent", "bagel_latent")
@@ -76,9 +81,9 @@ def _check(task: str, key: str, v: Any) -> Any:
         return [_size(key, x) for x in v]
     if key == "max_think_token_n":
         return _num(key, v, 1, 32768, integer=True)
-    if key == "do_sample":
+    if key in ("do_sample", "think"):
         if not isinstance(v, bool):
-            raise RowError("bad_params", f"do_sample must be true or false, got {v!r}")
+            raise RowError("bad_params", f"{key} must be true or false, got {v!r}")
         return v
     if key == "text_temperature":
         return _num(key, v, 1e-4, 100.0)
@@ -153,31 +158,42 @@ def _encode(ae, rows: list[Row]) -> list[Row]:
 
 
 def _lmm(model, tok, special, rows: list[Row], attention: str = "split") -> list[Row]:
+    """Text first (understand rows, and the plans of thinking t2i/edit rows), then every image
+    row's denoising together."""
     from modeling.bagel import sampling as S
 
     outs: list[Row] = [{} for _ in rows]
-    img, txt = [], []
-    for i, r in enumerate(rows):
-        p = r["params"]
+    system = {"understand": tok.encode(S.THINK_UNDERSTAND_PROMPT), "image": tok.encode(S.THINK_GENERATE_PROMPT)}
+    inputs = []
+    for r in rows:
         vit = r.get("bagel_vit_patches")
         vit = torch.from_numpy(np.asarray(vit)) if vit is not None else None
         grid = tuple(r["bagel_vit_grid"]) if r.get("bagel_vit_grid") is not None else None
-        if r["task"] == "understand":
+        lat = torch.from_numpy(np.asarray(r["bagel_vae_latent"])) if r["task"] == "edit" else None
+        sys_ids = system["understand" if r["task"] == "understand" else "image"] if r["params"]["think"] else None
+        inputs.append((vit, grid, lat, sys_ids))
+    txt = []
+    for i, (r, (vit, grid, lat, sys_ids)) in enumerate(zip(rows, inputs)):
+        p = r["params"]
+        if r["task"] == "understand" or p["think"]:
             g = torch.Generator().manual_seed(int(r["sample_seed"]))
             txt.append((i, S.TextRow(r["bagel_prompt_ids"], vit, grid, int(p["max_think_token_n"]) - 1,
-                                     bool(p["do_sample"]), float(p["text_temperature"]), g)))
-            continue
-        h, w = r["bagel_size"]
-        ip = S.ImageParams(**{k: (tuple(v) if k == "cfg_interval" else v) for k, v in p.items() if k in IMAGE_DEFAULTS})
-        noise = S.get_noise(model, h, w, torch.Generator().manual_seed(int(r["sample_seed"])))
-        lat = torch.from_numpy(np.asarray(r["bagel_vae_latent"])) if r["task"] == "edit" else None
-        img.append((i, S.ImageRow(r["bagel_prompt_ids"], h, w, noise, ip, lat, vit, grid)))
-    if img:
-        for (i, _), x in zip(img, S.denoise(model, [row for _, row in img], special, attention=attention)):
-            outs[i]["bagel_latent"] = _to_np(x)
+                                     bool(p["do_sample"]), float(p["text_temperature"]), g, sys_ids, lat)))
     if txt:
         for (i, _), ids in zip(txt, S.generate_text(model, [row for _, row in txt], special)):
             outs[i]["text"] = tok.decode(ids)
+    img = []
+    for i, (r, (vit, grid, lat, sys_ids)) in enumerate(zip(rows, inputs)):
+        if r["task"] == "understand":
+            continue
+        p, (h, w) = r["params"], r["bagel_size"]
+        ip = S.ImageParams(**{k: (tuple(v) if k == "cfg_interval" else v) for k, v in p.items() if k in IMAGE_DEFAULTS})
+        noise = S.get_noise(model, h, w, torch.Generator().manual_seed(int(r["sample_seed"])))
+        plan = tok.encode(outs[i]["text"]) if p["think"] else None  # the reference re-tokenises its decoded plan
+        img.append((i, S.ImageRow(r["bagel_prompt_ids"], h, w, noise, ip, lat, vit, grid, sys_ids, plan)))
+    if img:
+        for (i, _), x in zip(img, S.denoise(model, [row for _, row in img], special, attention=attention)):
+            outs[i]["bagel_latent"] = _to_np(x)
     return outs
 
 
