@@ -171,3 +171,13 @@ def test_think_mode(ckpt):
         if i != 3:
             np.testing.assert_allclose(alone["embeddings"]["bagel_latent"], out[i]["embeddings"]["bagel_latent"],
                                        rtol=0, atol=1e-4)
+
+
+def test_text_ends_at_a_second_im_start(ckpt):
+    """As the reference, which keeps what precedes a second <|im_start|> in the decoded text."""
+    from pipeline.families.bagel import decode_text
+
+    tok, special = load_tokenizer(ckpt)
+    ids = tok.encode("the cube")
+    assert decode_text(tok, special, ids) == "the cube"
+    assert decode_text(tok, special, [*ids, special.bos_token_id, *tok.encode(" is red")]) == "the cube"

@@ -157,6 +157,13 @@ def _encode(ae, rows: list[Row]) -> list[Row]:
     return outs
 
 
+def decode_text(tok, special, ids: list[int]) -> str:
+    """Generated ids -> text. The reference keeps only what precedes a second <|im_start|>."""
+    if special.bos_token_id in ids:
+        ids = ids[: ids.index(special.bos_token_id)]
+    return tok.decode(ids)
+
+
 def _lmm(model, tok, special, rows: list[Row], attention: str = "split") -> list[Row]:
     """Text first (understand rows, and the plans of thinking t2i/edit rows), then every image
     row's denoising together."""
@@ -181,7 +188,7 @@ def _lmm(model, tok, special, rows: list[Row], attention: str = "split") -> list
                                      bool(p["do_sample"]), float(p["text_temperature"]), g, sys_ids, lat)))
     if txt:
         for (i, _), ids in zip(txt, S.generate_text(model, [row for _, row in txt], special)):
-            outs[i]["text"] = tok.decode(ids)
+            outs[i]["text"] = decode_text(tok, special, ids)
     img = []
     for i, (r, (vit, grid, lat, sys_ids)) in enumerate(zip(rows, inputs)):
         if r["task"] == "understand":
