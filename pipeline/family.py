@@ -17,7 +17,7 @@ CPU). The last stage leaves, for the sink:
     pixels: uint8 numpy array (H, W, 3)  -> encoded to PNG/WebP/JPEG on CPU
     embeddings: dict[str, float array]     -> OUTPUT/embeddings/ (1-D: one size per
                                               model; N-D: stored with its shape)
-    text: str                              -> OUTPUT/texts/ (understand rows)
+    text: str                              -> OUTPUT/texts/ (e.g. an answer, or a plan beside an image)
 A stage that raises for a batch has it retried row by row; the rows that still
 raise go to OUTPUT/errors/ with the stage name and the exception's type.
 """

@@ -164,24 +164,21 @@ def decode_text(tok, special, ids: list[int]) -> str:
     return tok.decode(ids)
 
 
-def _lmm(model, tok, special, rows: list[Row], attention: str = "split") -> list[Row]:
+def _lmm(model, tok, special, system: dict[str, list[int]], rows: list[Row], attention: str = "split") -> list[Row]:
     """Text first (understand rows, and the plans of thinking t2i/edit rows), then every image
-    row's denoising together."""
+    row's denoising together. system: the thinking prompts' ids, "understand" and "image"."""
     from modeling.bagel import sampling as S
 
     outs: list[Row] = [{} for _ in rows]
-    system = {"understand": tok.encode(S.THINK_UNDERSTAND_PROMPT), "image": tok.encode(S.THINK_GENERATE_PROMPT)}
-    inputs = []
-    for r in rows:
+    inputs, txt = [], []
+    for i, r in enumerate(rows):
+        p = r["params"]
         vit = r.get("bagel_vit_patches")
         vit = torch.from_numpy(np.asarray(vit)) if vit is not None else None
         grid = tuple(r["bagel_vit_grid"]) if r.get("bagel_vit_grid") is not None else None
         lat = torch.from_numpy(np.asarray(r["bagel_vae_latent"])) if r["task"] == "edit" else None
-        sys_ids = system["understand" if r["task"] == "understand" else "image"] if r["params"]["think"] else None
+        sys_ids = system["understand" if r["task"] == "understand" else "image"] if p["think"] else None
         inputs.append((vit, grid, lat, sys_ids))
-    txt = []
-    for i, (r, (vit, grid, lat, sys_ids)) in enumerate(zip(rows, inputs)):
-        p = r["params"]
         if r["task"] == "understand" or p["think"]:
             g = torch.Generator().manual_seed(int(r["sample_seed"]))
             txt.append((i, S.TextRow(r["bagel_prompt_ids"], vit, grid, int(p["max_think_token_n"]) - 1,
@@ -243,6 +240,7 @@ def build_vae_encode(ctx: StageContext) -> BatchFn:
 def build_lmm(ctx: StageContext) -> BatchFn:
     from modeling.bagel.load import load_bagel, load_tokenizer
     from modeling.bagel.quant import check_quantize, quantize_llm
+    from modeling.bagel.sampling import THINK_GENERATE_PROMPT, THINK_UNDERSTAND_PROMPT
 
     quant = ctx.options.get("quantize")
     check_quantize(quant, ctx.device)  # before the weights load
@@ -255,7 +253,8 @@ def build_lmm(ctx: StageContext) -> BatchFn:
         model = quantize_llm(model, quant, ctx.device)
     if ctx.options.get("compile"):
         model.compile_blocks()
-    return lambda rows: _lmm(model, tok, special, rows, attn)
+    system = {"understand": tok.encode(THINK_UNDERSTAND_PROMPT), "image": tok.encode(THINK_GENERATE_PROMPT)}
+    return lambda rows: _lmm(model, tok, special, system, rows, attn)
 
 
 def build_vae_decode(ctx: StageContext) -> BatchFn:
