@@ -15,6 +15,17 @@ FIXTURES = ROOT.parent / "shared" / "fixtures"
 TOY = "tests.toy_family:FAMILY"
 
 
+def shared_fixture(name: str) -> Path:
+    """A file or kit under ../shared/fixtures. Missing: the test fails under CI=true
+    (CI must prove parity) and is skipped elsewhere (a checkout without the kits)."""
+    path = FIXTURES / name
+    if not path.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"shared fixture {name} not found at {path} (CI=true: fixtures are required)")
+        pytest.skip(f"shared fixture {name} not found at {path}")
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

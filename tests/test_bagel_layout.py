@@ -2,16 +2,19 @@
 released checkpoint's tensor names and shapes exactly."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from modeling.bagel.autoencoder import AutoEncoder, AutoEncoderParams
 from modeling.bagel.model import PRESETS, Bagel
+from tests.conftest import FIXTURES, shared_fixture
 
-SHAPES = Path(__file__).resolve().parents[1].parent / "shared/fixtures/bagel-7b-mot.shapes.json"
-pytestmark = pytest.mark.skipif(not SHAPES.is_file(), reason=f"{SHAPES} not found")
+SHAPES = FIXTURES / "bagel-7b-mot.shapes.json"
+
+@pytest.fixture(autouse=True)
+def _needs_fixture():
+    shared_fixture("bagel-7b-mot.shapes.json")
 
 
 def _shapes(module):

@@ -1,7 +1,6 @@
 """Parity with the reference (ByteDance-Seed/Bagel) on the recorded tiny kit."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,10 +9,13 @@ from safetensors.torch import load_file
 
 from modeling.bagel import parity
 from modeling.bagel.transforms import ResizeRule, prepare_image
+from tests.conftest import FIXTURES, shared_fixture
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared/fixtures"
 KIT = FIXTURES / "bagel-tiny"
-pytestmark = pytest.mark.skipif(not (KIT / "kit.json").is_file(), reason=f"parity kit not found at {KIT}")
+
+@pytest.fixture(autouse=True)
+def _needs_fixture():
+    shared_fixture("bagel-tiny/kit.json")
 
 
 @pytest.mark.parametrize("batched", [False, True])

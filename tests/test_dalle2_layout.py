@@ -1,18 +1,27 @@
 """The LAION release layout (dalle2-pytorch ~1.1) maps exactly onto our modules after the remaps."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from modeling.dalle2.convert import decoder_params, downsample_kinds, prior_params, remap_decoder, remap_prior
+from modeling.dalle2.convert import (
+    decoder_params,
+    downsample_kinds,
+    prior_params,
+    remap_decoder,
+    remap_prior,
+)
 from modeling.dalle2.decoder import Decoder
 from modeling.dalle2.presets import LAION_DECODER_V102, LAION_PRIOR
 from modeling.dalle2.prior import DiffusionPriorNetwork
+from tests.conftest import FIXTURES, shared_fixture
 
-SHAPES = Path(__file__).resolve().parents[1].parent / "shared/fixtures/dalle2-laion-v1.0.2.shapes.json"
-pytestmark = pytest.mark.skipif(not SHAPES.exists(), reason=f"LAION shapes file not found at {SHAPES}")
+SHAPES = FIXTURES / "dalle2-laion-v1.0.2.shapes.json"
+
+@pytest.fixture(autouse=True)
+def _needs_fixture():
+    shared_fixture("dalle2-laion-v1.0.2.shapes.json")
 
 
 def _release(kind: str) -> dict[str, torch.Tensor]:

@@ -1,14 +1,13 @@
-from pathlib import Path
 
-import pytest
 
 from modeling.dalle2.parity import TOLERANCE, main, run_kit
+from tests.conftest import FIXTURES, shared_fixture
 
-KIT = Path(__file__).resolve().parents[1].parent / "shared/fixtures/dalle2-tiny"
+KIT = FIXTURES / "dalle2-tiny"
 
 
-@pytest.mark.skipif(not (KIT / "kit.json").exists(), reason=f"parity kit not found at {KIT}")
 def test_tiny_kit_parity(capsys):
+    shared_fixture("dalle2-tiny/kit.json")
     results = run_kit(KIT)
     assert results, "kit has no cases"
     for cid, err, msg in results:
