@@ -32,7 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modeling.bagel import attn, sampling as S  # noqa: E402
+from modeling.bagel import attn  # noqa: E402
+from modeling.bagel import sampling as S
 from modeling.bagel.autoencoder import AutoEncoder, AutoEncoderParams  # noqa: E402
 from modeling.bagel.load import SpecialTokens  # noqa: E402
 from modeling.bagel.model import PRESETS, Bagel, sincos_2d  # noqa: E402

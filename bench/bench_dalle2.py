@@ -26,7 +26,8 @@ from modeling.dalle2.decoder import Decoder  # noqa: E402
 from modeling.dalle2.presets import LAION_DECODER_V102, LAION_PRIOR  # noqa: E402
 from modeling.dalle2.prior import DiffusionPriorNetwork  # noqa: E402
 from modeling.dalle2.sampling import per_sample_noise, sample_prior, sample_unet  # noqa: E402
-from modeling.dalle2.tiny import DECODER as TINY_DECODER, PRIOR as TINY_PRIOR  # noqa: E402
+from modeling.dalle2.tiny import DECODER as TINY_DECODER  # noqa: E402
+from modeling.dalle2.tiny import PRIOR as TINY_PRIOR
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

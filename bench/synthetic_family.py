@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.family import RowError, StageSpec
+from pipeline.family import Demo, Params, StageSpec, TaskSpec
+from pipeline.sample import Result
 
 SIZE = 256
 
@@ -19,34 +20,43 @@ def build_render(ctx):
     n = int(ctx.options.get("matmuls_per_image", 50))
     a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
 
-    def run(rows):
+    def run(samples):
         x = a
-        for _ in range(n * len(rows)):
+        for _ in range(n * len(samples)):
             x = (x @ a).clamp_(-1, 1)
-        noise = torch.stack([torch.rand(SIZE, SIZE, 3, generator=torch.Generator().manual_seed(r["sample_seed"])) for r in rows])
+        noise = torch.stack([torch.rand(SIZE, SIZE, 3, generator=torch.Generator().manual_seed(s.sample_seed)) for s in samples])
         pixels = (noise.to(device) * 255 + x[0, 0].float() * 0).to(torch.uint8).cpu().numpy()
-        return [{"pixels": p} for p in pixels]
+        return [Result(pixels=p) for p in pixels]
 
     return run
 
 
+class NoParams(Params):
+    pass
+
+
 class SyntheticFamily:
     name = "synthetic"
-    tasks = frozenset({"t2i"})
+    tasks = {"t2i": TaskSpec(NoParams)}
+    scores: dict[str, str] = {}
 
-    def stages(self, model_path):
-        return [StageSpec("render", build_render, uses_gpu=True, default_batch_size=32)]
+    def stages(self, model):
+        return [StageSpec("render", build_render, num_gpus=1, batch_size=32)]
 
-    def params_for(self, task, overrides):
-        if overrides:
-            raise RowError("bad_params", f"synthetic takes no parameters, got {sorted(overrides)}")
-        return {}
+    def check_model(self, model):
+        pass
 
-    def model_name(self, model_path):
+    def model_name(self, model):
         return "synthetic"
 
-    def model_fingerprint(self, model_path):
+    def model_fingerprint(self, model):
         return "synthetic"
+
+    def write_tiny(self, directory):
+        return str(directory)
+
+    def demo(self):
+        return Demo([{"id": "s0", "prompt": "x"}], [])
 
 
 FAMILY = SyntheticFamily()

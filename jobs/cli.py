@@ -8,11 +8,17 @@ import logging
 import re
 import sys
 
+from pipeline.families import DEMO_DEFAULT, installed
+from pipeline.family import ModelError
 from pipeline.manifest import ManifestError
+from pipeline.outcome import JobIncomplete, JobStopped
 from pipeline.report import format_table, status
 from pipeline.resume import ResumeError
 from pipeline.spec import SpecError, load_spec
 from pipeline.storage import redact
+
+# what the user can fix in the spec, the model path or the manifest before a run: exit 2
+USER_ERRORS = (SpecError, ManifestError, ResumeError, ModelError)
 
 log = logging.getLogger("genfleet")
 
@@ -21,12 +27,18 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", nargs="?", help="job spec YAML (flags override it)")
     p.add_argument("--manifest", help="Parquet manifest: file, directory/prefix or glob (any fsspec URL)")
     p.add_argument("--output", help="output directory/prefix (any fsspec URL)")
-    p.add_argument("--family", help="model family: bagel, dalle2, or package.module:ATTR")
+    p.add_argument("--family", help=f"model family: {_families()}, or package.module:ATTR")
     p.add_argument("--model", help="model directory or config file")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec field by dotted path, e.g. stages.lmm.batch_size=8 (repeatable)")
     p.add_argument("--new-run", action="store_true", help="discard what OUTPUT holds and start over")
+    p.add_argument("--retry-errors", action="store_true", help="run the pairs that failed for good again too "
+                   "(transient failures always run again)")
     p.add_argument("--spec-json", help=argparse.SUPPRESS)  # a resolved spec, as `submit` sends it
+
+
+def _families() -> str:
+    return ", ".join(sorted(installed())) or "none installed"
 
 
 def _spec(args):
@@ -38,7 +50,7 @@ def _spec(args):
 def cmd_run(args) -> int:
     from jobs.driver import run_job
 
-    result = run_job(_spec(args), new_run=args.new_run)
+    result = run_job(_spec(args), new_run=args.new_run, retry_errors=args.retry_errors)
     print(f"genfleet: job {result['status']}\n{format_table(result)}")
     return 0
 
@@ -66,13 +78,15 @@ def cmd_status(args) -> int:
 def cmd_submit(args) -> int:
     from jobs.submit import submit
 
-    job_id = submit(_spec(args), address=args.address, working_dir=args.working_dir, new_run=args.new_run, wait=args.wait)
+    job_id = submit(_spec(args), address=args.address, working_dir=args.working_dir, new_run=args.new_run,
+                    retry_errors=args.retry_errors, wait=args.wait)
     print(f"genfleet: submitted {job_id}")
     return 0
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="genfleet", description="Batch generation with multistage image models on Ray.")
+    p = argparse.ArgumentParser(prog="genfleet", description="Batch generation with multistage image models on Ray.",
+                                epilog=f"installed families: {_families()}")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run (or resume) a job")
@@ -80,10 +94,10 @@ def parser() -> argparse.ArgumentParser:
     run.set_defaults(fn=cmd_run)
     demo = sub.add_parser("demo", help="run a small job with a tiny random-weight model")
     demo.add_argument("--output", default="demo-output")
-    demo.add_argument("--family", default="bagel", choices=["bagel", "dalle2"])
+    demo.add_argument("--family", default=DEMO_DEFAULT, help=f"one of: {_families()} (default {DEMO_DEFAULT})")
     demo.set_defaults(fn=cmd_demo)
     tiny = sub.add_parser("make-tiny", help="write a tiny random-weight model in the family's released layout")
-    tiny.add_argument("family", choices=["bagel", "dalle2"])
+    tiny.add_argument("family", help=f"one of: {_families()}")
     tiny.add_argument("dir")
     tiny.set_defaults(fn=cmd_make_tiny)
     st = sub.add_parser("status", help="progress of a running or finished job")
@@ -104,9 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         return args.fn(args)
-    except (SpecError, ManifestError, ResumeError, FileNotFoundError, ValueError) as e:
+    except USER_ERRORS as e:
         print(f"genfleet: error: {redact(str(e))}", file=sys.stderr)
         return 2
+    except (JobStopped, JobIncomplete) as e:
+        print(f"genfleet: job {'stopped' if isinstance(e, JobStopped) else 'incomplete'}: {redact(str(e))}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("genfleet: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -1,38 +1,73 @@
 """The driver: manifest -> validation -> family stages -> encode -> sink -> report.
 
-Everything that can fail for the whole job (spec, manifest, model config, a
-changed output) fails here before any model loads. Then one Ray Data streaming
-pipeline runs: the manifest is read in batches, each model stage is an actor
-pool that keeps its model resident, CPU work (validation, encoding, writing) runs
-in plain tasks, and each write task commits one shard.
+Everything that can fail for the whole job (spec, model layout, manifest, a changed
+output) fails in `prepare`, before Ray starts and before any model loads; nothing is
+written then. A run with nothing left to do ends there too. Otherwise one Ray Data
+streaming pipeline runs: the manifest is read in batches, each model stage is an
+actor pool that keeps its model resident, CPU work (validation, fetching, encoding)
+runs in plain tasks, and the driver commits shards by size or age (jobs/writer.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
+from dataclasses import dataclass
 
 import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy, DataContext
 
-from jobs.ray_io import ManifestDatasource, OutputDatasink
+from jobs.ray_io import ManifestDatasource, OutputDatasink, RunRecord
+from jobs.writer import ShardWriter
 from pipeline.encode import encode_block
 from pipeline.families import get_family
-from pipeline.family import RowError, StageContext
-from pipeline.manifest import open_manifest
-from pipeline.plan import make_plan
-from pipeline.report import CommitWatcher, Progress, summary, write_summary
-from pipeline.resume import start_run
-from pipeline.sink import SinkConfig
-from pipeline.spec import JobSpec, SpecError
+from pipeline.family import Family, ModelError, StageContext, StageSpec, parse_params
+from pipeline.guard import ErrorRateGuard
+from pipeline.inputs import fetch_block
+from pipeline.manifest import Manifest, open_manifest, output_names
+from pipeline.outcome import JobIncomplete, JobStopped
+from pipeline.plan import Plan, make_plan
+from pipeline.report import Progress, Tally, summary, write_summary
+from pipeline.resume import CommitLog, check_output
+from pipeline.sample import RowError
+from pipeline.sink import OUTPUT_COLUMNS, SinkConfig
+from pipeline.spec import JobSpec, SpecError, StageConfig
 from pipeline.stages import StageGroup
-from pipeline.validate import TASKS, Expand
+from pipeline.validate import Expand
 
 log = logging.getLogger("genfleet")
-POLL_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """One actor pool: a stage and the stages co-located with it (name, context, keep_inputs)."""
+
+    stages: list[tuple[str, StageContext, bool]]
+    cfg: StageConfig
+    num_gpus: float
+    num_cpus: float
+    batch_size: int
+
+    @property
+    def name(self) -> str:
+        return self.stages[0][0]
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job that passed every check, ready to run."""
+
+    spec: JobSpec
+    family: Family
+    groups: list[GroupPlan]
+    manifest: Manifest
+    plan: Plan
+    log: CommitLog
+    fingerprint: dict
+    sink: SinkConfig
+    extras: dict[str, str]  # manifest column -> output column
 
 
 def connect(spec: JobSpec) -> bool:
@@ -47,7 +82,7 @@ def connect(spec: JobSpec) -> bool:
     ray.init(
         address="local",  # a new local Ray: never attach to whatever other Ray runs on this machine
         num_cpus=spec.ray.num_cpus or max(4, os.cpu_count() or 1),
-        num_gpus=spec.ray.num_gpus,
+        num_gpus=spec.ray.num_gpus,  # type: ignore[arg-type]  # Ray accepts fractions of declared GPUs
         include_dashboard=False,
         logging_level=logging.WARNING,
         # workers import jobs/pipeline/modeling (and test families) like the driver does
@@ -56,13 +91,13 @@ def connect(spec: JobSpec) -> bool:
     return True
 
 
-def check_job(spec: JobSpec):
-    """Job-level checks; returns (family, stage specs)."""
+def _check_family(spec: JobSpec) -> tuple[Family, list[StageSpec]]:
+    family = get_family(spec.family)
+    family.check_model(spec.model)
     try:
-        family = get_family(spec.family)
-    except ValueError as e:
-        raise SpecError(str(e)) from None
-    stages = family.stages(spec.model)
+        stages = family.stages(spec.model)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model {spec.model}: {e}") from None
     names = [s.name for s in stages]
     unknown = set(spec.stages) - set(names)
     if unknown:
@@ -70,39 +105,62 @@ def check_job(spec: JobSpec):
     if spec.stage(names[0]).colocate:
         raise SpecError(f"stages.{names[0]}.colocate: the first stage has no previous stage")
     for task, overrides in spec.sampler.items():
-        if task not in TASKS or task not in family.tasks or not isinstance(overrides, dict):
+        if task not in family.tasks or not isinstance(overrides, dict):
             raise SpecError(f"sampler.{task}: expected one of {', '.join(sorted(family.tasks))} mapping to settings")
         try:
-            family.params_for(task, overrides)
+            parse_params(family.tasks[task].params, overrides, prefix=f"sampler.{task}")
         except RowError as e:
-            raise SpecError(f"sampler.{task}: {e}") from None
+            raise SpecError(str(e)) from None
     return family, stages
 
 
-def _groups(spec: JobSpec, stages):
-    """Consecutive stages with `colocate` join the previous stage's actor."""
-    groups = []
-    for st in stages:
+def plan_groups(spec: JobSpec, stages: list[StageSpec]) -> list[GroupPlan]:
+    """Consecutive stages with `colocate` join the previous stage's actor (and its device)."""
+    last_reader = max((i for i, s in enumerate(stages) if s.reads_inputs), default=-1)
+    groups: list[GroupPlan] = []
+    for i, st in enumerate(stages):
         cfg = spec.stage(st.name)
-        gpus = cfg.num_gpus if cfg.num_gpus is not None else (1.0 if st.uses_gpu else 0.0)
-        device = cfg.device or ("cuda" if gpus > 0 else "cpu")
-        ctx = StageContext(model_path=spec.model, device=device, dtype=cfg.dtype or ("bfloat16" if device == "cuda" else "float32"), options=cfg.options)
+        keep = i < last_reader
         if cfg.colocate:
-            groups[-1]["stages"].append((st.name, ctx))
-        else:
-            groups.append({"stages": [(st.name, ctx)], "cfg": cfg, "gpus": gpus, "batch": cfg.batch_size or st.default_batch_size})
+            host = groups[-1]
+            device = cfg.device or host.stages[0][1].device
+            ctx = StageContext(spec.model, device, cfg.dtype or ("bfloat16" if device == "cuda" else "float32"), cfg.options)
+            host.stages.append((st.name, ctx, keep))
+            continue
+        gpus = cfg.num_gpus if cfg.num_gpus is not None else st.num_gpus
+        device = cfg.device or ("cuda" if gpus > 0 else "cpu")
+        ctx = StageContext(spec.model, device, cfg.dtype or ("bfloat16" if device == "cuda" else "float32"), cfg.options)
+        groups.append(GroupPlan([(st.name, ctx, keep)], cfg, gpus, cfg.num_cpus if cfg.num_cpus is not None else st.num_cpus,
+                                 cfg.batch_size or st.batch_size))
     return groups
 
 
-def check_resources(groups) -> None:
+def prepare(spec: JobSpec, *, new_run: bool = False) -> Job:
+    """Every job-level check; reads but writes nothing, starts nothing."""
+    family, stages = _check_family(spec)
+    inputs = {inp.name: inp.many for t in family.tasks.values() for inp in t.inputs}
+    manifest = open_manifest(spec.manifest, inputs)
+    extras = output_names(manifest.extra_columns, set(OUTPUT_COLUMNS) | set(family.scores))
+    plan = make_plan(manifest)
+    groups = plan_groups(spec, stages)
+    placement = {name: {"device": ctx.device, "dtype": ctx.dtype, "options": ctx.options} for g in groups for name, ctx, _ in g.stages}
+    fingerprint = spec.output_fingerprint(family.model_fingerprint(spec.model), placement)
+    commit_log = check_output(spec.output, fingerprint, new_run=new_run)
+    sink = SinkConfig(output=spec.output, family=family.name, model=family.model_name(spec.model),
+                      image_format=spec.output_options.image_format, webdataset=spec.output_options.webdataset,
+                      extra_schema=pa.schema([pa.field(extras[n], manifest.schema.field(n).type) for n in manifest.extra_columns]),
+                      scores=dict(family.scores))
+    return Job(spec, family, groups, manifest, plan, commit_log, fingerprint, sink, extras)
+
+
+def check_resources(groups: list[GroupPlan]) -> None:
     """Fail fast, instead of waiting forever, when a stage needs GPUs the cluster lacks."""
     have = ray.cluster_resources().get("GPU", 0)
     for g in groups:
-        need = g["gpus"] * (g["cfg"].replicas if isinstance(g["cfg"].replicas, int) else g["cfg"].replicas[0])
+        need = g.num_gpus * (g.cfg.replicas if isinstance(g.cfg.replicas, int) else g.cfg.replicas[0])
         if need > have:
-            name = g["stages"][0][0]
-            raise SpecError(f"stages.{name}: needs {need:g} GPU(s) for its replicas, the Ray cluster has {have:g}; "
-                            f"set stages.{name}.num_gpus=0 to run it on CPU, or fewer replicas")
+            raise SpecError(f"stages.{g.name}: needs {need:g} GPU(s) for its replicas, the Ray cluster has {have:g}; "
+                            f"set stages.{g.name}.num_gpus=0 to run it on CPU, or fewer replicas")
 
 
 def _pool(replicas) -> ActorPoolStrategy:
@@ -111,72 +169,78 @@ def _pool(replicas) -> ActorPoolStrategy:
     return ActorPoolStrategy(min_size=replicas[0], max_size=replicas[1])
 
 
-def build_dataset(spec: JobSpec, groups, manifest, plan, committed, sink_cfg: SinkConfig):
-    ds = ray.data.read_datasource(ManifestDatasource(manifest))
-    expand_kwargs = dict(family=spec.family, job_seed=spec.seed, sampler=spec.sampler, max_prompt_chars=spec.max_prompt_chars,
-                         duplicates=plan.duplicates, committed=committed)
-    ds = ds.map_batches(Expand, fn_constructor_kwargs=expand_kwargs, batch_format="pyarrow", compute=ActorPoolStrategy(size=1), num_cpus=0.25)
-    for g in groups:
-        ds = ds.map_batches(StageGroup, fn_constructor_kwargs={"family": spec.family, "stages": g["stages"]},
-                            batch_size=g["batch"], batch_format="pyarrow", compute=_pool(g["cfg"].replicas),
-                            num_gpus=g["gpus"] or None, num_cpus=g["cfg"].num_cpus)
-    ds = ds.map_batches(encode_block, fn_kwargs={"image_format": spec.output_options.image_format, "quality": spec.output_options.quality},
-                        batch_format="pyarrow", num_cpus=0.5)
-    return ds, OutputDatasink(sink_cfg, spec.output_options.rows_per_shard)
+def build_dataset(job: Job, done):
+    spec = job.spec
+    ds = ray.data.read_datasource(ManifestDatasource(job.manifest))
+    expand = dict(family=spec.family, job_seed=spec.seed, sampler=spec.sampler, max_prompt_chars=spec.max_prompt_chars,
+                  duplicates=job.plan.duplicates, committed=done, extras=job.extras)
+    ds = ds.map_batches(Expand, fn_constructor_kwargs=expand, batch_format="pyarrow", compute=ActorPoolStrategy(size=1), num_cpus=0.25)
+    if any(t.inputs for t in job.family.tasks.values()):
+        ds = ds.map_batches(fetch_block, batch_format="pyarrow", num_cpus=0.25)
+    for g in job.groups:
+        ds = ds.map_batches(StageGroup, fn_constructor_kwargs={"family": spec.family, "stages": g.stages, "attempts": spec.errors.attempts},
+                            batch_size=g.batch_size, batch_format="pyarrow", compute=_pool(g.cfg.replicas),
+                            num_gpus=g.num_gpus or None, num_cpus=g.num_cpus)
+    return ds.map_batches(encode_block, fn_kwargs={"image_format": spec.output_options.image_format, "quality": spec.output_options.quality},
+                          batch_format="pyarrow", num_cpus=0.5)
 
 
-def run_job(spec: JobSpec, *, new_run: bool = False, interactive: bool | None = None) -> dict:
+def run_job(spec: JobSpec, *, new_run: bool = False, retry_errors: bool = False, interactive: bool | None = None) -> dict:
     started = time.time()
-    family, stages = check_job(spec)
-    manifest = open_manifest(spec.manifest)
-    plan = make_plan(manifest)
-    groups = _groups(spec, stages)
-    placement = {name: {"device": ctx.device, "dtype": ctx.dtype, "options": ctx.options} for g in groups for name, ctx in g["stages"]}
-    fingerprint = spec.output_fingerprint(family.model_fingerprint(spec.model), placement)
-    committed, commits = start_run(spec.output, fingerprint, manifest=spec.manifest, expected_pairs=plan.expected_pairs, new_run=new_run)
+    job = prepare(spec, new_run=new_run)
+    before = Tally.of(c.result for c in job.log.commits)
     log.info("manifest: %d rows in %d file(s), %d (id, sample) pairs expected, %d already committed",
-             plan.num_rows, len(manifest.files), plan.expected_pairs, len(committed))
-    sink_cfg = SinkConfig(output=spec.output, family=family.name, model=family.model_name(spec.model),
-                          image_format=spec.output_options.image_format, webdataset=spec.output_options.webdataset,
-                          extra_schema=pa.schema([manifest.schema.field(n) for n in manifest.extra_columns]))
+             job.plan.num_rows, len(job.manifest.files), job.plan.expected_pairs, before.pairs)
+    if not new_run and not len(job.log.retry) and before.pairs >= job.plan.expected_pairs and not (retry_errors and before.errors):
+        result = summary(before, Tally(), expected=job.plan.expected_pairs, started_at=started, status="completed")
+        write_summary(spec.output, result)  # nothing to do: no Ray, no model
+        return result
     connected_here = connect(spec)
     try:
-        return _execute(spec, groups, manifest, plan, committed, commits, sink_cfg, started, interactive)
+        return _execute(job, new_run, retry_errors, started, interactive)
     finally:
         if connected_here:
             # Stop Ray, and the worker and GCS logs it forwards, before the CLI prints its last line.
             ray.shutdown()
 
 
-def _execute(spec, groups, manifest, plan, committed, commits, sink_cfg, started, interactive) -> dict:
-    DataContext.get_current().enable_progress_bars = False  # genfleet shows its own progress
+def _execute(job: Job, new_run: bool, retry_errors: bool, started: float, interactive: bool | None) -> dict:
+    spec = job.spec
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # genfleet shows its own progress
+    ctx.execution_options.preserve_order = True  # same manifest, same batches: the same bytes
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    check_resources(groups)
-    ds, sink = build_dataset(spec, groups, manifest, plan, committed, sink_cfg)
+    check_resources(job.groups)
+    done = job.log.done(retry_errors)
+    ds = build_dataset(job, done)
+    run = RunRecord(job.fingerprint, spec.manifest, job.plan.expected_pairs, new_run, retry_errors, job.log, started)
+    sink = OutputDatasink(job.sink, run)
+    guard = ErrorRateGuard(spec.errors.max_rate, spec.errors.window)
+    progress: Progress | None = None
+    this_run = Tally()
 
-    watcher = CommitWatcher(spec.output, commits)
-    progress = Progress(plan.expected_pairs, watcher.tally.pairs, interactive)
-    stop = threading.Event()
+    def on_result(r) -> str | None:
+        this_run.add(r)
+        guard.add(r)
+        if progress is not None:
+            progress.update(sink.before.pairs + this_run.pairs, sink.before.errors + this_run.errors + this_run.retryable)
+        return guard.check()
 
-    def watch():
-        while not stop.wait(POLL_SECONDS):
-            try:
-                progress.update(watcher.poll())
-            except Exception as e:  # noqa: BLE001 - progress must never kill the job
-                log.debug("progress poll failed: %s", e)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    status = "failed"
+    writer = ShardWriter(sink, rows_per_shard=spec.output_options.rows_per_shard,
+                         max_shard_seconds=spec.output_options.max_shard_seconds, on_result=on_result)
+    progress = Progress(job.plan.expected_pairs, 0 if new_run else Tally.of(c.result for c in job.log.commits).pairs, interactive)
     try:
-        ds.write_datasink(sink)
-        status = "completed"
+        writer.run(ds)
+    except BaseException as e:
+        status = "stopped" if isinstance(e, (JobStopped, KeyboardInterrupt)) else "failed"
+        write_summary(spec.output, summary(sink.before, this_run, expected=job.plan.expected_pairs, started_at=started, status=status))
+        raise
     finally:
-        stop.set()
-        thread.join()
-        tally = watcher.poll()  # the watcher has read every commit record once: no second pass
-        progress.update(tally)
         progress.close()
-        result = summary(tally, expected=plan.expected_pairs, started_at=started, committed_before=len(committed), status=status)
-        write_summary(spec.output, result)
+    result = sink.result
+    assert result is not None
+    if result["missing"]:
+        retry = f"; {result['retryable']} failed transiently" if result["retryable"] else ""
+        raise JobIncomplete(f"{result['missing']} of {result['expected']} (id, sample) pairs were not committed{retry}: "
+                            "run the same command again to make them")
     return result

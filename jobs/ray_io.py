@@ -1,18 +1,25 @@
 """Ray Data adapters: the manifest as a Datasource, the output as a Datasink.
 
-The reading and writing themselves live in pipeline/ (no Ray there); these
-classes only cut the work into Ray tasks.
+The reading and writing themselves live in pipeline/ (no Ray there); these classes
+only cut the work into Ray tasks and run the sink's lifecycle:
+    on_write_start     the run really starts: debris removed, errors retired, _job.json
+    write              one shard and its commit record -> ShardResult
+    on_write_complete  _summary.json from the earlier commits and this run's results
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pyarrow as pa
 from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasink, Datasource, ReadTask
+from ray.data.datasource import Datasink, Datasource, ReadTask, WriteResult
 
 from pipeline.manifest import Manifest, ManifestFile, read_file_rows
+from pipeline.report import Tally, summary, write_summary
+from pipeline.resume import CommitLog, begin_run
 from pipeline.rows import from_block
-from pipeline.sink import SinkConfig, write_shard
+from pipeline.sink import ShardResult, SinkConfig, write_shard
 
 
 class ManifestDatasource(Datasource):
@@ -39,19 +46,54 @@ class ManifestDatasource(Datasource):
         return "Manifest"
 
 
-class OutputDatasink(Datasink):
-    """Each write task writes (and commits) one shard of >= rows_per_shard rows."""
+@dataclass(frozen=True)
+class RunRecord:
+    """What the run records when it starts, and what its summary compares against."""
 
-    def __init__(self, cfg: SinkConfig, rows_per_shard: int):
-        self.cfg, self.rows_per_shard = cfg, rows_per_shard
+    fingerprint: dict
+    manifest: str
+    expected_pairs: int
+    new_run: bool
+    retry_errors: bool
+    log: CommitLog
+    started_at: float
 
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.rows_per_shard
 
-    def write(self, blocks, ctx) -> dict:
-        rows = [r for block in blocks for r in from_block(pa.table(block) if isinstance(block, dict) else block)]
+class OutputDatasink(Datasink[ShardResult | None]):
+    """Each write commits one shard. The driver bundles the rows (jobs/writer.py)."""
+
+    def __init__(self, cfg: SinkConfig, run: RunRecord | None):
+        self.cfg, self.run = cfg, run
+        self.before = Tally()  # the commits of earlier runs, once started
+        self.result: dict | None = None  # the summary, once complete
+
+    def __getstate__(self) -> dict:
+        # write tasks need only where and how to write, not the run's commit log
+        return {"cfg": self.cfg, "run": None, "before": None, "result": None}
+
+    def on_write_start(self, schema=None) -> None:
+        r = self.run
+        assert r is not None, "on_write_start runs on the driver"
+        commits = begin_run(self.cfg.output, r.fingerprint, manifest=r.manifest, expected_pairs=r.expected_pairs,
+                            new_run=r.new_run, retry_errors=r.retry_errors, log=r.log)
+        self.before = Tally.of(c.result for c in commits)
+
+    def write(self, blocks, ctx) -> ShardResult | None:
+        rows = [s for block in blocks for s in from_block(pa.table(block) if isinstance(block, dict) else block)]
         return write_shard(rows, self.cfg)
+
+    def on_write_complete(self, write_result: WriteResult[ShardResult | None]) -> None:
+        assert self.run is not None, "on_write_complete runs on the driver"
+        this_run = Tally.of(r for r in write_result.write_returns if r is not None)
+        data = summary(self.before, this_run, expected=self.run.expected_pairs, started_at=self.run.started_at, status="completed")
+        if data["missing"]:
+            data["status"] = "incomplete"
+        write_summary(self.cfg.output, data)
+        self.result = data
+
+    def on_write_failed(self, error: Exception) -> None:
+        """The driver writes the failed run's summary (it holds the results so far)."""
+        self.result = None
 
     def get_name(self) -> str:
         return "GenfleetOutput"

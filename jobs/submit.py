@@ -21,12 +21,13 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 AGENT_WAIT_SECONDS = 180
 
 
-def entrypoint(spec: JobSpec, new_run: bool) -> str:
+def entrypoint(spec: JobSpec, new_run: bool, retry_errors: bool = False) -> str:
     args = ["python", "-m", "jobs.cli", "run", "--spec-json", json.dumps(spec.model_dump(mode="json", by_alias=True))]
-    return shlex.join(args + (["--new-run"] if new_run else []))
+    return shlex.join(args + (["--new-run"] if new_run else []) + (["--retry-errors"] if retry_errors else []))
 
 
-def submit(spec: JobSpec, *, address: str, working_dir: str, new_run: bool = False, wait: bool = False) -> str:
+def submit(spec: JobSpec, *, address: str, working_dir: str, new_run: bool = False, retry_errors: bool = False,
+           wait: bool = False) -> str:
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
@@ -35,7 +36,7 @@ def submit(spec: JobSpec, *, address: str, working_dir: str, new_run: bool = Fal
     while True:
         try:
             job_id = client.submit_job(
-                entrypoint=entrypoint(spec, new_run),
+                entrypoint=entrypoint(spec, new_run, retry_errors),
                 runtime_env={"working_dir": working_dir, "excludes": EXCLUDES, "env_vars": env},
                 metadata={"genfleet_output": spec.output, "genfleet_family": spec.family},
             )

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from pipeline.rows import fail, from_block, to_block
+from pipeline.rows import from_block, to_block
 
 _PIL_FORMAT = {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}
 
@@ -28,14 +28,15 @@ def encode_image(pixels: np.ndarray, fmt: str, quality: int) -> bytes:
 
 
 def encode_block(block: pa.Table, *, image_format: str, quality: int) -> pa.Table:
-    rows = from_block(block)
-    for row in rows:
-        if "error" in row or row.get("pixels") is None:
+    samples = from_block(block)
+    for s in samples:
+        out = s.outputs
+        if s.failure is not None or out.pixels is None:
             continue
         try:
-            pixels = np.asarray(row.pop("pixels"))
-            row["image_bytes"] = encode_image(pixels, image_format, quality)
-            row["height"], row["width"] = int(pixels.shape[0]), int(pixels.shape[1])
-        except Exception as e:  # noqa: BLE001 - a bad output is this row's error
-            fail(row, "encode", type(e).__name__, str(e))
-    return to_block(rows)
+            out.image = encode_image(out.pixels, image_format, quality)
+            out.image_size = (int(out.pixels.shape[1]), int(out.pixels.shape[0]))
+            out.pixels = None
+        except Exception as e:  # noqa: BLE001 - a bad output is this sample's error
+            s.fail("encode", type(e).__name__, str(e))
+    return to_block(samples)

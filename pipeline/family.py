@@ -1,80 +1,127 @@
 """The contract between the runner and a model family.
 
-A family says which tasks it serves, how a row's sampler parameters are checked,
-and which stages turn a validated row into outputs. The runner knows nothing else
-about it: it places each stage on an actor pool (GPU stages) or CPU tasks, feeds
-them batches of row dicts and isolates rows that fail.
+A family describes itself: its tasks (the inputs each needs, its sampler parameters as
+a pydantic model whose defaults are the only ones), its stages in pipeline order with
+their default resources, how to check a model path before anything loads, its demo
+and a tiny random-weight model. The runner knows nothing else about it and never
+names one: families are found through the registry (pipeline/families/).
 
-Row dicts entering the first stage carry (all set by the runner):
-    id, sample_index, task, prompt, negative_prompt (str | None),
-    seed (job or row seed), sample_seed (int: the only source of randomness for
-    this sample; build a torch.Generator from it), width, height (int | None),
-    image, mask (bytes | str URL | None: fetch with pipeline.inputs.load_image),
-    params (dict: the family's sampler defaults merged with the row's overrides).
-A stage returns one dict per input row (same order) holding the fields it adds or
-replaces; anything picklable may travel between stages (numpy arrays, tensors on
-CPU). The last stage leaves, for the sink:
-    pixels: uint8 numpy array (H, W, 3)  -> encoded to PNG/WebP/JPEG on CPU
-    embeddings: dict[str, float array]     -> OUTPUT/embeddings/ (1-D: one size per
-                                              model; N-D: stored with its shape)
-    text: str                              -> OUTPUT/texts/ (e.g. an answer, or a plan beside an image)
-A stage that raises for a batch has it retried row by row; the rows that still
-raise go to OUTPUT/errors/ with the stage name and the exception's type.
+A stage is built once per actor (`StageSpec.build(StageContext)`, models stay
+resident) and then called with batches of samples. It returns, per sample and in
+order, a `Result` (the family state for the next stage, and outputs) or a `RowError`
+for that sample alone. If it raises instead, the runner re-runs the batch sample by
+sample to find the ones that fail. The tests' toy family (tests/toy_family.py) is the
+smallest complete example.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
-Row = dict[str, Any]
-BatchFn = Callable[[list[Row]], list[Row]]
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pipeline.sample import Result, RowError, Sample
+
+StageFn = Callable[[list[Sample]], list["Result | RowError"]]
 
 
-class RowError(ValueError):
-    """A problem with one row's input: the row goes to errors under `kind`."""
+class ModelError(ValueError):
+    """The model path lacks what the family needs; names the missing or bad file."""
 
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
+
+class Params(BaseModel):
+    """Base of a task's sampler parameters: unknown keys are refused, instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def field_errors(e: ValidationError, prefix: str) -> str:
+    return "; ".join(f"{'.'.join([prefix, *(str(p) for p in err['loc'])])}: {err['msg']}" for err in e.errors())
+
+
+def parse_params(model: type[Params], values: Mapping[str, Any], prefix: str = "params") -> Params:
+    """Validate sampler settings; a bad one is a RowError naming the field."""
+    try:
+        return model.model_validate(dict(values))
+    except ValidationError as e:
+        raise RowError("bad_params", field_errors(e, prefix)) from None
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A manifest column holding input images: bytes, or a URL / path to fetch."""
+
+    name: str  # "image", "mask", "images"
+    required: bool = True
+    many: bool = False  # a list of images (e.g. an interleaved prompt)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    params: type[Params]
+    needs_prompt: bool = True
+    inputs: tuple[InputSpec, ...] = ()
 
 
 @dataclass(frozen=True)
 class StageContext:
     """What a stage's builder gets inside its actor (or task) when it starts."""
 
-    model_path: str  # local directory (or file) of the model, as given in the job
-    device: str  # "cuda", "cuda:1", "cpu": where the runner placed this stage
+    model_path: str  # the job's `model`, as given
+    device: str  # "cuda", "cpu": where the runner placed this stage
     dtype: str  # "float32", "bfloat16", "float16"
-    options: dict[str, Any] = field(default_factory=dict)  # the stage's free options
+    options: dict[str, Any] = field(default_factory=dict)  # the stage's free options from the spec
 
 
 @dataclass(frozen=True)
 class StageSpec:
-    """One step of a family's pipeline; `build` loads models once per actor."""
+    """One step of a family's pipeline, with its default placement."""
 
     name: str
-    build: Callable[[StageContext], BatchFn]
-    uses_gpu: bool = True
-    default_batch_size: int = 1
+    build: Callable[[StageContext], StageFn]
+    num_gpus: float = 1.0  # per replica: 0 is a CPU stage, 2 spans two GPUs
+    num_cpus: float = 0.5
+    batch_size: int = 1
+    reads_inputs: bool = False  # reads Sample.inputs (they are dropped after the last such stage)
+
+
+@dataclass(frozen=True)
+class Demo:
+    """`genfleet demo`: a small manifest and the settings that keep it quick on a CPU."""
+
+    rows: list[dict[str, Any]]
+    settings: list[str]  # --set KEY=VALUE overrides
 
 
 class Family(Protocol):
     name: str
-    tasks: frozenset[str]  # which of t2i / edit / variation / understand it serves
+    tasks: Mapping[str, TaskSpec]
+    scores: Mapping[str, str]  # per-sample scores it may emit (columns of images/): name -> "float" | "bool"
 
-    def stages(self, model_path: str) -> list[StageSpec]:
-        """The stages in pipeline order (they may depend on the model, e.g. its
-        number of upsamplers; read only small config files here)."""
+    def stages(self, model: str) -> list[StageSpec]:
+        """The stages in pipeline order (they may depend on the model, e.g. its number of
+        upsamplers; read only small config files here)."""
+        ...
 
-    def params_for(self, task: str, overrides: dict[str, Any]) -> dict[str, Any]:
-        """The row's sampler parameters: the family's defaults for `task` with
-        `overrides` (job sampler settings, then the row's `params`) applied.
-        Raises RowError("bad_params", ...) for unknown keys or bad values."""
+    def check_model(self, model: str) -> None:
+        """Raise ModelError (one line, naming the file) unless `model` has the layout the
+        family loads: configs present and parseable, weight files present. Loads no weights."""
+        ...
 
-    def model_name(self, model_path: str) -> str:
-        """A short name of the model (written into every output row)."""
+    def model_name(self, model: str) -> str:
+        """A short name of the model, written into every output row."""
+        ...
 
-    def model_fingerprint(self, model_path: str) -> str:
-        """Changes whenever the model would produce other outputs (configs,
-        weight file names and sizes): resuming over a changed model is refused."""
+    def model_fingerprint(self, model: str) -> str:
+        """Changes whenever the model would make other outputs (configs, weight file names and
+        sizes): resuming over a changed model is refused."""
+        ...
+
+    def write_tiny(self, directory: str) -> str:
+        """Write a tiny random-weight model in the released layout; returns the job's `model`."""
+        ...
+
+    def demo(self) -> Demo:
+        ...

@@ -8,7 +8,8 @@ chance of any collision is about 3e-6.
 
 from __future__ import annotations
 
-from typing import Iterable
+import hashlib
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
@@ -41,3 +42,14 @@ class KeySet:
         pos = np.searchsorted(self.hashes, hashes)
         pos[pos == len(self.hashes)] = 0
         return self.hashes[pos] == hashes
+
+
+def shard_name(keys: Iterable[tuple[str, int]]) -> str:
+    """A shard's name from the keys it holds, so that a retried write lands on the same
+    files. Each key is hashed on its own (length-prefixed id, so no id can spell a
+    separator), and the name hashes the sorted key digests: no two key sets share it."""
+    digests = sorted(
+        hashlib.blake2b(len(raw).to_bytes(8, "little") + raw + int(s).to_bytes(8, "little", signed=True), digest_size=16).digest()
+        for raw, s in ((i.encode("utf-8", "surrogatepass"), s) for i, s in keys)
+    )
+    return "part-" + hashlib.blake2b(b"".join(digests), digest_size=10).hexdigest()

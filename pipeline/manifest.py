@@ -8,16 +8,17 @@ ordinal (file order is sorted, so ordinals are stable across runs).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.storage import filesystem, redact
 
-KNOWN_COLUMNS = ("id", "task", "prompt", "negative_prompt", "seed", "num_samples", "width", "height", "image", "mask", "params")
 READ_BATCH_ROWS = 1024
+ORDINAL = "__genfleet_ordinal"  # the runner's own column: a row's position in the manifest
+INTERNAL_PREFIX = "__genfleet"
 
 
 def _is_str(t):
@@ -32,8 +33,14 @@ def _is_number(t):
     return pa.types.is_integer(t) or pa.types.is_floating(t)
 
 
-# column -> (accepts type?, what we say we expect)
-_TYPES = {
+def _is_list_of_inputs(t):
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and (_is_bin_or_str(t.value_type) or pa.types.is_null(t.value_type))
+
+
+INPUT = (_is_bin_or_str, "binary (image bytes) or string (URL)")
+INPUT_LIST = (_is_list_of_inputs, "list of binary (image bytes) or string (URL)")
+# the runner's columns -> (accepts type?, what we say we expect)
+RUNNER_COLUMNS = {
     "id": (_is_str, "string"),
     "task": (_is_str, "string"),
     "prompt": (_is_str, "string"),
@@ -42,8 +49,6 @@ _TYPES = {
     "num_samples": (_is_number, "integer"),
     "width": (_is_number, "integer"),
     "height": (_is_number, "integer"),
-    "image": (_is_bin_or_str, "binary (image bytes) or string (URL)"),
-    "mask": (_is_bin_or_str, "binary (image bytes) or string (URL)"),
     "params": (lambda t: _is_str(t) or pa.types.is_struct(t) or pa.types.is_map(t), "string (JSON object) or struct"),
 }
 
@@ -66,13 +71,16 @@ class Manifest:
     protocol_prefix: str  # "s3://" etc. ("" for local paths): rebuilds full URLs
     files: tuple[ManifestFile, ...]
     schema: pa.Schema  # unified schema of all files
+    input_columns: tuple[str, ...] = ()  # the family's input columns (image, mask, images, ...)
+
     @property
     def num_rows(self) -> int:
         return sum(f.num_rows for f in self.files)
 
     @property
     def extra_columns(self) -> list[str]:
-        return [n for n in self.schema.names if n not in KNOWN_COLUMNS]
+        """Columns neither the runner nor the family reads: carried to the outputs."""
+        return [n for n in self.schema.names if n not in RUNNER_COLUMNS and n not in self.input_columns]
 
     def url_of(self, f: ManifestFile) -> str:
         return self.protocol_prefix + f.path
@@ -93,19 +101,24 @@ def _list_files(url: str):
     return fs, files
 
 
-def _check_schema(where: str, schema: pa.Schema) -> None:
+def _check_schema(where: str, schema: pa.Schema, types: dict) -> None:
     if "id" not in schema.names:
         raise ManifestError(f"manifest file {where}: required column 'id' is missing (columns: {', '.join(schema.names)})")
     for name in schema.names:
-        if name in _TYPES:
+        if name.startswith(INTERNAL_PREFIX):
+            raise ManifestError(f"manifest file {where}: column '{name}' uses the runner's reserved prefix {INTERNAL_PREFIX!r}")
+        if name in types:
             t = schema.field(name).type
-            ok, expected = _TYPES[name]
+            ok, expected = types[name]
             if not (ok(t) or pa.types.is_null(t)):
                 raise ManifestError(f"manifest file {where}: column '{name}' has type {t}, expected {expected}")
 
 
-def open_manifest(url: str) -> Manifest:
-    """List and validate every file's footer (no row data is read)."""
+def open_manifest(url: str, inputs: dict[str, bool] | None = None) -> Manifest:
+    """List and validate every file's footer (no row data is read). `inputs`: the
+    family's input columns, name -> True when the column holds a list of images."""
+    inputs = inputs or {}
+    types = {**RUNNER_COLUMNS, **{name: INPUT_LIST if many else INPUT for name, many in inputs.items()}}
     fs, paths = _list_files(url)
     protocol = url.split("://", 1)[0] + "://" if "://" in url and not url.startswith("file://") else ""
     files, schemas, ordinal = [], [], 0
@@ -117,7 +130,7 @@ def open_manifest(url: str) -> Manifest:
                 schema = meta.schema.to_arrow_schema()
         except Exception as e:  # noqa: BLE001 - any failure here makes the file unusable
             raise ManifestError(f"manifest file {where}: unreadable as Parquet ({type(e).__name__}: {redact(str(e))})") from None
-        _check_schema(where, schema)
+        _check_schema(where, schema, types)
         groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
         files.append(ManifestFile(p, meta.num_rows, groups, ordinal))
         schemas.append((where, schema))
@@ -126,19 +139,30 @@ def open_manifest(url: str) -> Manifest:
         unified = pa.unify_schemas([s for _, s in schemas], promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise ManifestError(f"manifest {redact(url)}: files disagree on column types: {e}") from None
-    _check_schema(redact(url), unified)
+    _check_schema(redact(url), unified, types)
     if ordinal == 0:
         raise ManifestError(f"manifest {redact(url)}: is empty (0 rows in {len(files)} file(s))")
-    return Manifest(url, protocol, tuple(files), unified)
+    return Manifest(url, protocol, tuple(files), unified, tuple(inputs))
+
+
+def output_names(extras: list[str], reserved: set[str]) -> dict[str, str]:
+    """Manifest extra column -> its name in the outputs: one that would replace an output
+    column of the job's own (`model`, `sample_index`, ...) is carried as `extra_<name>`."""
+    names = {c: f"extra_{c}" if c in reserved else c for c in extras}
+    clash = [c for c, n in names.items() if n != c and n in extras]
+    if clash:
+        raise ManifestError(f"manifest columns {', '.join(repr(c) for c in clash)} collide with output columns, and "
+                            f"'extra_<name>' is taken too: rename them")
+    return names
 
 
 def read_file_rows(url: str, f: ManifestFile, columns: list[str] | None = None) -> Iterator[pa.Table]:
-    """Stream one manifest file as tables with an `_ordinal` column."""
+    """Stream one manifest file as tables with an ORDINAL column."""
     fs, _ = filesystem(url)
     ordinal = f.first_ordinal
     with fs.open(f.path, "rb") as fh:
         for batch in pq.ParquetFile(fh).iter_batches(batch_size=READ_BATCH_ROWS, columns=columns):
             table = pa.Table.from_batches([batch])
             n = table.num_rows
-            yield table.append_column("_ordinal", pa.array(range(ordinal, ordinal + n), pa.int64()))
+            yield table.append_column(ORDINAL, pa.array(range(ordinal, ordinal + n), pa.int64()))
             ordinal += n

@@ -7,12 +7,15 @@ the `id` and `num_samples` columns and keeps 8 bytes per row.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.keys import id_hashes
-from pipeline.manifest import Manifest, read_file_rows
+from pipeline.manifest import ORDINAL, Manifest, ManifestError, read_file_rows
+from pipeline.storage import redact
 
 MAX_SAMPLES_PER_ROW = 64
 
@@ -29,7 +32,7 @@ def samples_of(value) -> int | None:
     """num_samples as an int, or None when it is not a usable count."""
     if value is None:
         return 1
-    if isinstance(value, float) and (value != value or value != int(value)):
+    if isinstance(value, float) and (not math.isfinite(value) or value != int(value)):
         return None
     n = int(value)
     return n if 1 <= n <= MAX_SAMPLES_PER_ROW else None
@@ -41,8 +44,12 @@ def make_plan(manifest: Manifest) -> Plan:
     cols = ["id", "num_samples"] if has_samples else ["id"]
     for f in manifest.files:
         for t in read_file_rows(manifest.url_of(f), f, columns=cols):
+            try:
+                t.column("id").validate(full=True)
+            except pa.ArrowInvalid as e:
+                raise ManifestError(f"manifest file {redact(manifest.url_of(f))}: column 'id' is not valid UTF-8 ({e})") from None
             hashes.append(id_hashes(t.column("id").to_pylist()))
-            ordinals.append(t.column("_ordinal").to_numpy())
+            ordinals.append(t.column(ORDINAL).to_numpy())
             counts = [samples_of(v) or 1 for v in t.column("num_samples").to_pylist()] if has_samples else [1] * t.num_rows
             samples.append(np.array(counts, np.int8))
     h = np.concatenate(hashes)

@@ -1,4 +1,4 @@
-"""Progress, status and the end-of-job summary, all read off the commit records."""
+"""Progress, status and the end-of-run summary, all from shard results (commit stats)."""
 
 from __future__ import annotations
 
@@ -8,72 +8,84 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from pipeline.resume import SUMMARY_FILE, Commit, list_commits, read_commits, read_job, shard_of
+from pipeline.resume import SUMMARY_FILE, NoJob, list_commits, read_job, read_log, read_results
+from pipeline.sink import ShardResult
 from pipeline.storage import filesystem, join, write_atomic
 
 log = logging.getLogger("genfleet")
 
 
+def _merge(into: dict[str, int], counts: dict[str, int]) -> None:
+    for k, v in counts.items():
+        into[k] = into.get(k, 0) + v
+
+
 @dataclass
 class Tally:
-    """Counts over a set of commit records."""
+    """Counts over a set of shard results."""
 
+    shards: int = 0
     rows: int = 0
-    pairs: int = 0  # (id, sample) pairs accounted for: compare with the plan's expected
+    pairs: int = 0  # (id, sample) pairs done: made or failed for good; compare with the plan's expected
     images: int = 0
     texts: int = 0
-    errors: int = 0
+    errors: int = 0  # permanent
+    retryable: int = 0  # transient failures: a later run makes them again
     errors_by_kind: dict[str, int] = field(default_factory=dict)
+    retryable_by_kind: dict[str, int] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     stage_rows: dict[str, int] = field(default_factory=dict)
-    shards: int = 0
 
-    def add(self, stats: dict) -> None:
+    def add(self, r: ShardResult) -> None:
         self.shards += 1
-        for k in ("rows", "pairs", "images", "texts", "errors"):
-            setattr(self, k, getattr(self, k) + stats.get(k, 0))
-        for src, dst in (("errors_by_kind", self.errors_by_kind), ("stage_seconds", self.stage_seconds), ("stage_rows", self.stage_rows)):
-            for k, v in stats.get(src, {}).items():
-                dst[k] = dst.get(k, 0) + v
+        for k in ("rows", "pairs", "images", "texts", "errors", "retryable"):
+            setattr(self, k, getattr(self, k) + getattr(r, k))
+        _merge(self.errors_by_kind, r.errors_by_kind)
+        _merge(self.retryable_by_kind, r.retryable_by_kind)
+        _merge(self.stage_rows, r.stage_rows)
+        for k, s in r.stage_seconds.items():
+            self.stage_seconds[k] = self.stage_seconds.get(k, 0.0) + s
 
-
-class CommitWatcher:
-    """Tallies commit records as they appear (each read once)."""
-
-    def __init__(self, output: str, initial: list[Commit] = ()):
-        self.output, self.tally, self.seen = output, Tally(), set()
-        for c in initial:
-            self.seen.add(c.name)
-            self.tally.add(c.stats)
-
-    def poll(self) -> Tally:
-        new = [p for p in list_commits(self.output) if shard_of(p) not in self.seen]
-        for c in read_commits(self.output, new):
-            self.seen.add(c.name)
-            self.tally.add(c.stats)
-        return self.tally
+    @classmethod
+    def of(cls, results) -> Tally:
+        t = cls()
+        for r in results:
+            t.add(r)
+        return t
 
 
 def stage_throughput(t: Tally) -> dict[str, float]:
-    """Rows per busy second of one replica, per stage."""
+    """Samples per busy second of one replica, per stage."""
     return {s: round(t.stage_rows[s] / sec, 3) for s, sec in t.stage_seconds.items() if sec > 0}
 
 
-def summary(t: Tally, *, expected: int, started_at: float, committed_before: int, status: str) -> dict:
-    """The end-of-run summary from the tally of every commit record (this run's and earlier ones)."""
+def summary(before: Tally, this_run: Tally, *, expected: int, started_at: float, status: str) -> dict:
+    """The end-of-run summary: earlier runs' commits plus this run's. Transient failures
+    are this run's only: earlier ones were all made again in this run."""
     wall = time.time() - started_at
-    new_rows = t.rows - committed_before
+    total = Tally.of([])
+    for t in (before, this_run):
+        for k in ("shards", "rows", "pairs", "images", "texts", "errors"):
+            setattr(total, k, getattr(total, k) + getattr(t, k))
+        _merge(total.errors_by_kind, t.errors_by_kind)
+        _merge(total.stage_rows, t.stage_rows)
+        for k, s in t.stage_seconds.items():
+            total.stage_seconds[k] = total.stage_seconds.get(k, 0.0) + s
     return {
         "status": status,
         "expected": expected,
-        "committed": t.pairs,
-        "images": t.images,
-        "texts": t.texts,
-        "errors": t.errors,
-        "errors_by_kind": dict(sorted(t.errors_by_kind.items())),
-        "shards": t.shards,
-        "this_run": {"rows": new_rows, "wall_seconds": round(wall, 2), "rows_per_second": round(new_rows / wall, 3) if wall > 0 else None},
-        "stage_rows_per_second": stage_throughput(t),
+        "committed": total.pairs,
+        "missing": max(expected - total.pairs, 0),
+        "images": total.images,
+        "texts": total.texts,
+        "errors": total.errors,
+        "errors_by_kind": dict(sorted(total.errors_by_kind.items())),
+        "retryable": this_run.retryable,
+        "retryable_by_kind": dict(sorted(this_run.retryable_by_kind.items())),
+        "shards": total.shards,
+        "this_run": {"rows": this_run.rows, "wall_seconds": round(wall, 2),
+                     "rows_per_second": round(this_run.rows / wall, 3) if wall > 0 else None},
+        "stage_rows_per_second": stage_throughput(total),
     }
 
 
@@ -86,16 +98,19 @@ def status(output: str) -> dict:
     """What `genfleet status` shows, for a running or finished job."""
     job = read_job(output)
     if job is None:
-        raise FileNotFoundError(f"no genfleet job at {output} (no _job.json)")
+        raise NoJob(f"no genfleet job at {output} (no _job.json)")
     fs, root = filesystem(output)
     try:
         finished = json.loads(fs.cat_file(join(root, SUMMARY_FILE)))
     except FileNotFoundError:
         finished = None
-    t = CommitWatcher(output).poll()
+    commits = read_results(output, list_commits(output))
+    t = Tally.of(c.result for c in commits)
+    # a transient failure is pending until a later shard holds its pair: count exactly when any exist
+    pending = len(read_log(output).retry) if t.retryable else 0
     run = job["runs"][-1]
     elapsed = (finished or {}).get("this_run", {}).get("wall_seconds") or (time.time() - run["started_at"])
-    done_now = t.rows - run["committed_before"]
+    done_now = t.pairs - run["committed_before"]
     return {
         "state": finished["status"] if finished else "running or stopped",
         "expected": job["expected_pairs"],
@@ -103,6 +118,7 @@ def status(output: str) -> dict:
         "images": t.images,
         "texts": t.texts,
         "errors": t.errors,
+        "retryable": pending,
         "errors_by_kind": t.errors_by_kind,
         "rows_per_second": round(done_now / elapsed, 3) if elapsed > 0 else None,
         "stage_rows_per_second": stage_throughput(t),
@@ -128,22 +144,23 @@ class Progress:
         self._last_log = 0.0
         self._bar = None
         if self.interactive:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as Bar
 
             self._bar = Bar(TextColumn("genfleet"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} rows/s"),
                             TextColumn("errors {task.fields[errors]}"), TimeRemainingColumn(), transient=False)
             self._task = self._bar.add_task("rows", total=total, completed=done, rate="-", errors=0)
             self._bar.start()
 
-    def update(self, t: Tally) -> None:
+    def update(self, done: int, errors: int) -> None:
         elapsed = time.time() - self.started
-        rate = (t.pairs - self.start_done) / elapsed if elapsed > 0 else 0.0
+        rate = (done - self.start_done) / elapsed if elapsed > 0 else 0.0
         if self._bar is not None:
-            self._bar.update(self._task, completed=t.pairs, rate=f"{rate:.2f}", errors=t.errors)
-        elif time.time() - self._last_log >= 10 or t.pairs >= self.total:
+            self._bar.update(self._task, completed=done, rate=f"{rate:.2f}", errors=errors)
+        elif time.time() - self._last_log >= 10 or done >= self.total:
             self._last_log = time.time()
-            eta = f"{(self.total - t.pairs) / rate:.0f}s" if rate > 0 else "-"
-            log.info("progress %d/%d, %.2f rows/s, %d errors, eta %s", t.pairs, self.total, rate, t.errors, eta)
+            eta = f"{(self.total - done) / rate:.0f}s" if rate > 0 else "-"
+            log.info("progress %d/%d, %.2f rows/s, %d errors, eta %s", done, self.total, rate, errors, eta)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -1,9 +1,11 @@
 """Resume: what an output already holds, and whether this job may continue it.
 
-The commit records under OUTPUT/_commits/ are the log. Start-up reads only their
-(id, sample_index) columns (8 bytes a key in memory), removes shard files that
-have no commit record (a crash between a shard's files and its commit), and
-refuses to continue an output written with settings that change the results.
+The commit records under OUTPUT/_commits/ are the log. Before anything starts the job
+reads only their key and status columns (8 bytes a key in memory) and refuses to
+continue an output written with settings that change the results. When the run
+really starts (`begin_run`) it removes shard files that have no commit record (a
+crash between a shard's files and its commit), optionally retires the permanent
+errors so that they run again, and records the run in _job.json.
 """
 
 from __future__ import annotations
@@ -11,28 +13,47 @@ from __future__ import annotations
 import io
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.keys import KeySet, pair_hashes
-from pipeline.sink import COMMITS, DATASETS, STATS_KEY
-from pipeline.storage import filesystem, join, write_atomic
+from pipeline.sink import COMMITS, DATASETS, STATS_KEY, ShardResult, _parquet_bytes
+from pipeline.storage import filesystem, join, redact, write_atomic
 
 JOB_FILE = "_job.json"
 SUMMARY_FILE = "_summary.json"
+RETIRED = "retired_errors"  # permanent errors set aside by --retry-errors (history)
 
 
 class ResumeError(ValueError):
     """The output holds a different job; the message says what differs."""
 
 
+class NoJob(ResumeError):
+    """There is no genfleet job at the output."""
+
+
 @dataclass(frozen=True)
 class Commit:
     name: str
-    stats: dict
-    keys: np.ndarray | None = None  # pair hashes, when asked for
+    result: ShardResult
+
+
+@dataclass(frozen=True)
+class CommitLog:
+    """What the output's commit records hold."""
+
+    commits: list[Commit]
+    ok: KeySet
+    errors: KeySet  # permanent errors
+    retry: KeySet  # transient failures not made since
+
+    def done(self, retry_errors: bool = False) -> KeySet:
+        """The pairs a run skips: made, and (unless retried) permanently failed."""
+        return self.ok if retry_errors else KeySet(np.concatenate([self.ok.hashes, self.errors.hashes]))
 
 
 def shard_of(path: str) -> str:
@@ -49,42 +70,37 @@ def list_commits(output: str) -> list[str]:
         return []
 
 
-def read_commits(output: str, paths: list[str], with_keys: bool = False) -> list[Commit]:
-    """Read commit records (concurrently on object stores: fs.cat batches)."""
+def _read(output: str, paths: list[str], columns: list[str]) -> list[tuple[str, ShardResult, pa.Table]]:
     if not paths:
         return []
     fs, _ = filesystem(output)
     blobs = fs.cat(paths) if len(paths) > 1 else {paths[0]: fs.cat_file(paths[0])}
-    commits = []
+    out = []
     for path in paths:
-        table = pq.read_table(io.BytesIO(blobs[path]), columns=["id", "sample_index"] if with_keys else [])
-        stats = json.loads(pq.read_schema(io.BytesIO(blobs[path])).metadata[STATS_KEY])
-        keys = pair_hashes(table.column("id").to_pylist(), table.column("sample_index").to_pylist()) if with_keys else None
-        commits.append(Commit(shard_of(path), stats, keys))
-    return commits
+        f = pq.ParquetFile(io.BytesIO(blobs[path]))
+        stats = json.loads(f.schema_arrow.metadata[STATS_KEY])
+        out.append((path, ShardResult.from_stats(stats), f.read(columns=columns)))
+    return out
 
 
-def committed_keys(output: str) -> tuple[KeySet, list[Commit]]:
-    commits = read_commits(output, list_commits(output), with_keys=True)
-    keys = np.concatenate([c.keys for c in commits]) if commits else np.zeros(0, np.uint64)
-    return KeySet(keys), [Commit(c.name, c.stats) for c in commits]
+def read_results(output: str, paths: list[str]) -> list[Commit]:
+    """The stats of commit records (read concurrently on object stores: fs.cat batches)."""
+    return [Commit(shard_of(p), r) for p, r, _ in _read(output, paths, [])]
 
 
-def remove_debris(output: str, committed: set[str]) -> list[str]:
-    """Delete shard files without a commit record, and stray temp files."""
-    fs, root = filesystem(output)
-    removed = []
-    for dataset in DATASETS:
-        fs.invalidate_cache(join(root, dataset))
-        try:
-            paths = fs.ls(join(root, dataset), detail=False)
-        except FileNotFoundError:
-            continue
-        for p in paths:
-            if ".tmp-" in p or shard_of(p) not in committed:
-                fs.rm(p)
-                removed.append(p)
-    return removed
+def read_log(output: str) -> CommitLog:
+    keys: dict[str, list[np.ndarray]] = {"ok": [], "error": [], "retry": []}
+    commits = []
+    for path, result, table in _read(output, list_commits(output), ["id", "sample_index", "status"]):
+        commits.append(Commit(shard_of(path), result))
+        hashes = pair_hashes(table.column("id").to_pylist(), table.column("sample_index").to_pylist())
+        status = np.asarray(table.column("status").to_pylist(), dtype=object)
+        for name in keys:
+            keys[name].append(hashes[status == name])
+    sets = {k: KeySet(np.concatenate(v) if v else np.zeros(0, np.uint64)) for k, v in keys.items()}
+    done = np.concatenate([sets["ok"].hashes, sets["error"].hashes])
+    retry = sets["retry"].hashes[~KeySet(done).contains(sets["retry"].hashes)] if len(done) else sets["retry"].hashes
+    return CommitLog(commits, sets["ok"], sets["error"], KeySet(retry))
 
 
 def read_job(output: str) -> dict | None:
@@ -106,9 +122,22 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return diffs
 
 
+def check_output(output: str, fingerprint: dict, *, new_run: bool) -> CommitLog:
+    """Read-only: may this job continue OUTPUT? Returns what it holds (nothing for a new run)."""
+    job = read_job(output)
+    if job is not None and job["fingerprint"] != fingerprint and not new_run:
+        diffs = "; ".join(_differences(job["fingerprint"], fingerprint))
+        raise ResumeError(f"output already holds a job with other settings ({diffs}); "
+                          "use another output, or pass --new-run to discard it and start over")
+    if new_run:
+        empty = KeySet(np.zeros(0, np.uint64))
+        return CommitLog([], empty, empty, empty)
+    return read_log(output)
+
+
 def wipe(output: str) -> None:
     fs, root = filesystem(output)
-    for name in (*DATASETS, COMMITS):
+    for name in (*DATASETS, COMMITS, RETIRED):
         if fs.exists(join(root, name)):
             fs.rm(join(root, name), recursive=True)
     for name in (JOB_FILE, SUMMARY_FILE):
@@ -116,24 +145,71 @@ def wipe(output: str) -> None:
             fs.rm(join(root, name))
 
 
-def start_run(output: str, fingerprint: dict, *, manifest: str, expected_pairs: int, new_run: bool) -> tuple[KeySet, list[Commit]]:
-    """Check the output against this job, clean it, record the run; returns the
-    committed keys (to skip) and the commits so far (for progress)."""
+def remove_debris(output: str, commits: list[Commit]) -> list[str]:
+    """Delete shard files without a commit record, stray temp files, and errors files of
+    shards whose errors were retired (a --retry-errors run stopped midway)."""
+    fs, root = filesystem(output)
+    by_name = {c.name: c.result for c in commits}
+    removed = []
+    for dataset in DATASETS:
+        fs.invalidate_cache(join(root, dataset))
+        try:
+            paths = fs.ls(join(root, dataset), detail=False)
+        except FileNotFoundError:
+            continue
+        for p in paths:
+            result = by_name.get(shard_of(p))
+            if ".tmp-" in p or result is None or (dataset == "errors" and result.errors == 0):
+                fs.rm(p)
+                removed.append(p)
+    return removed
+
+
+def retire_errors(output: str, commits: list[Commit]) -> list[Commit]:
+    """--retry-errors: set each shard's permanent errors aside so that they run again.
+    Per shard: copy errors/ to retired_errors/, rewrite the commit record with those keys
+    as `retired` (not done), then drop errors/ (each step safe to repeat after a crash)."""
+    fs, root = filesystem(output)
+    out = []
+    for c in commits:
+        if c.result.errors == 0:
+            out.append(c)
+            continue
+        src = join(root, "errors", f"{c.name}.parquet")
+        if fs.exists(src):
+            write_atomic(fs, join(root, RETIRED, f"{c.name}.parquet"), fs.cat_file(src))
+        path = join(root, COMMITS, f"{c.name}.parquet")
+        table = pq.read_table(io.BytesIO(fs.cat_file(path)))
+        status = ["retired" if s == "error" else s for s in table.column("status").to_pylist()]
+        covers = table.column("covers").to_pylist() if "covers" in table.column_names else [1] * table.num_rows
+        result = replace(c.result, errors=0, errors_by_kind={},
+                         pairs=sum(n for s, n in zip(status, covers) if s in ("ok", "error")))
+        table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
+        write_atomic(fs, path, _parquet_bytes(table.replace_schema_metadata({}), {STATS_KEY: json.dumps(asdict(result)).encode()}))
+        if fs.exists(src):
+            fs.rm(src)
+        out.append(Commit(c.name, result))
+    return out
+
+
+def begin_run(output: str, fingerprint: dict, *, manifest: str, expected_pairs: int, new_run: bool,
+              retry_errors: bool, log: CommitLog) -> list[Commit]:
+    """The run really starts: clean the output, record the run. Returns the commits so far."""
     job = read_job(output)
-    if job is not None and job["fingerprint"] != fingerprint:
-        if not new_run:
-            diffs = "; ".join(_differences(job["fingerprint"], fingerprint))
-            raise ResumeError(f"output already holds a job with other settings ({diffs}); "
-                              "use another output, or pass --new-run to discard it and start over")
-    if job is not None and new_run:
+    if new_run:
         wipe(output)
         job = None
-    keys, commits = committed_keys(output)
-    remove_debris(output, {c.name for c in commits})
-    runs = (job or {}).get("runs", []) + [{"started_at": time.time(), "committed_before": len(keys)}]
-    record = {"fingerprint": fingerprint, "manifest": manifest, "expected_pairs": expected_pairs, "runs": runs}
+    elif job is not None and job["fingerprint"] != fingerprint:  # taken by another job since the check
+        raise ResumeError("output was taken by a job with other settings while this one started")
+    commits = log.commits
+    remove_debris(output, commits)
+    if retry_errors:
+        commits = retire_errors(output, commits)
+    before = sum(c.result.pairs for c in commits)
+    runs = (job or {}).get("runs", []) + [{"started_at": time.time(), "committed_before": before, "retry_errors": retry_errors}]
+    record = {"fingerprint": fingerprint, "manifest": redact(manifest), "expected_pairs": expected_pairs, "runs": runs}
     fs, root = filesystem(output)
     write_atomic(fs, join(root, JOB_FILE), json.dumps(record, indent=1, default=str).encode())
     if fs.exists(join(root, SUMMARY_FILE)):  # a summary describes a finished run only
         fs.rm_file(join(root, SUMMARY_FILE))
-    return keys, commits
+    return commits

@@ -1,10 +1,13 @@
-"""Writes finished rows as one output shard and commits it.
+"""Writes finished samples as one output shard and commits it.
 
-A shard is named from the keys it holds (so a retried write lands on the same
-names) and is made of up to five files: images/, embeddings/, texts/, errors/
-(Parquet) and webdataset/ (tar). Each file appears only complete; the commit
-record `_commits/<shard>.parquet` (its keys and stats) is written last. A shard
-without a commit record is debris of a crash and is removed before a resume.
+A shard is named from the keys it holds (so a retried write lands on the same names)
+and is made of up to six files: images/, embeddings/, texts/, errors/, retries/
+(Parquet) and webdataset/ (tar). Each file appears only complete; the commit record
+`_commits/<shard>.parquet` (its keys, each key's status, and the shard's stats) is
+written last. A shard without a commit record is debris of a crash.
+
+Statuses: `ok` (outputs written), `error` (a permanent failure, in errors/), `retry`
+(a transient failure, in retries/: not done, a later run makes it again).
 """
 
 from __future__ import annotations
@@ -15,19 +18,26 @@ import json
 import re
 import tarfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.rows import Row
+from pipeline.keys import shard_name
+from pipeline.sample import Sample
 from pipeline.storage import filesystem, join, write_atomic
 
-DATASETS = ("images", "embeddings", "texts", "errors", "webdataset")
+DATASETS = ("images", "embeddings", "texts", "errors", "retries", "webdataset")
 COMMITS = "_commits"
 STATS_KEY = b"genfleet.stats"
 _IMAGE_MIME_EXT = {"png": "png", "webp": "webp", "jpeg": "jpg"}
+_SCORE_TYPES = {"float": pa.float64(), "bool": pa.bool_()}
+MAX_KEY_CHARS = 80  # webdataset keys (tar names must stay within USTAR's 100)
+# columns the outputs write themselves: a manifest column of the same name is carried as extra_<name>
+OUTPUT_COLUMNS = frozenset({"id", "sample_index", "image", "format", "width", "height", "seed", "sample_seed", "task",
+                            "prompt", "negative_prompt", "family", "model", "sampler", "text", "stage", "kind", "message",
+                            "retryable", "status"})
 
 
 @dataclass(frozen=True)
@@ -37,19 +47,44 @@ class SinkConfig:
     model: str
     image_format: str = "png"
     webdataset: bool = False
-    extra_schema: pa.Schema = field(default_factory=lambda: pa.schema([]))
+    extra_schema: pa.Schema = field(default_factory=lambda: pa.schema([]))  # output names and types of the extras
+    scores: dict[str, str] = field(default_factory=dict)  # score column -> "float" | "bool"
 
 
-def shard_name(rows: list[Row]) -> str:
-    keys = sorted(f"{r['id']}\x1f{r['sample_index']}" for r in rows)
-    return "part-" + hashlib.sha1("\x1e".join(keys).encode()).hexdigest()[:20]
+@dataclass(frozen=True)
+class ShardResult:
+    """What one write task reports (and the commit record's stats)."""
+
+    shard: str
+    rows: int  # samples in the shard
+    pairs: int  # manifest (id, sample) pairs accounted for: ok + permanent errors
+    images: int
+    texts: int
+    errors: int  # permanent
+    retryable: int  # transient failures, not done
+    errors_by_kind: dict[str, int]  # permanent errors
+    retryable_by_kind: dict[str, int]
+    stage_seconds: dict[str, float]
+    stage_rows: dict[str, int]
+    committed_at: float
+
+    @classmethod
+    def from_stats(cls, stats: dict) -> ShardResult:
+        fields = cls.__dataclass_fields__
+        return cls(**{k: stats.get(k, {} if k.endswith(("_kind", "_seconds", "_rows")) else 0) for k in fields})
+
+
+def status_of(s: Sample) -> str:
+    if s.failure is None:
+        return "ok"
+    return "retry" if s.failure.retryable else "error"
 
 
 def sample_key(row_id: str, sample_index: int) -> str:
-    """A webdataset key: no dots or slashes (webdataset splits on them)."""
+    """A webdataset key: no dots or slashes (webdataset splits on them), bounded length."""
     safe = re.sub(r"[^A-Za-z0-9_-]", "_", row_id)
-    if safe != row_id:
-        safe += "-" + hashlib.sha1(row_id.encode()).hexdigest()[:8]
+    if safe != row_id or len(safe) > MAX_KEY_CHARS - 14:
+        safe = safe[: MAX_KEY_CHARS - 23] + "-" + hashlib.sha1(row_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     return f"{safe}_{sample_index:04d}"
 
 
@@ -61,48 +96,54 @@ def _parquet_bytes(table: pa.Table, metadata: dict | None = None) -> bytes:
     return buf.getvalue()
 
 
-def _keys(rows: list[Row]) -> dict[str, pa.Array]:
+def _keys(rows: list[Sample]) -> dict[str, pa.Array]:
     """The (id, sample_index) key columns every table of a shard starts with."""
-    return {"id": pa.array([r["id"] for r in rows], pa.string()),
-            "sample_index": pa.array([r["sample_index"] for r in rows], pa.int64())}
+    return {"id": pa.array([r.id for r in rows], pa.string()),
+            "sample_index": pa.array([r.sample_index for r in rows], pa.int64())}
 
 
-def _model_columns(rows: list[Row], cfg: SinkConfig) -> dict[str, pa.Array]:
-    """Which model made a row, and with which sampler settings."""
+def _sampler(s: Sample) -> str:
+    return json.dumps(s.params.model_dump(mode="json") if s.params is not None else {}, sort_keys=True)
+
+
+def _model_columns(rows: list[Sample], cfg: SinkConfig) -> dict[str, pa.Array]:
+    """Which model made a sample, and with which sampler settings."""
     return {"family": pa.array([cfg.family] * len(rows), pa.string()),
             "model": pa.array([cfg.model] * len(rows), pa.string()),
-            "sampler": pa.array([json.dumps(r["params"], sort_keys=True) for r in rows], pa.string())}
+            "sampler": pa.array([_sampler(r) for r in rows], pa.string())}
 
 
-def _extras(rows: list[Row], schema: pa.Schema) -> dict[str, pa.Array]:
-    return {f.name: pa.array([r.get("extras", {}).get(f.name) for r in rows], f.type) for f in schema}
+def _extras(rows: list[Sample], schema: pa.Schema) -> dict[str, pa.Array]:
+    return {f.name: pa.array([r.extras.get(f.name) for r in rows], f.type) for f in schema}
 
 
-def _image_table(rows: list[Row], cfg: SinkConfig) -> pa.Table:
-    cols = {
+def _image_table(rows: list[Sample], cfg: SinkConfig) -> pa.Table:
+    sizes = [r.outputs.image_size or (None, None) for r in rows]
+    return pa.table({
         **_keys(rows),
-        "image": pa.array([r["image_bytes"] for r in rows], pa.binary()),
+        "image": pa.array([r.outputs.image for r in rows], pa.binary()),
         "format": pa.array([cfg.image_format] * len(rows), pa.string()),
-        "width": pa.array([r["width"] for r in rows], pa.int32()),
-        "height": pa.array([r["height"] for r in rows], pa.int32()),
-        "seed": pa.array([r["seed"] for r in rows], pa.int64()),
-        "sample_seed": pa.array([r["sample_seed"] for r in rows], pa.int64()),
-        "task": pa.array([r["task"] for r in rows], pa.string()),
-        "prompt": pa.array([r.get("prompt") for r in rows], pa.string()),
-        "negative_prompt": pa.array([r.get("negative_prompt") for r in rows], pa.string()),
+        "width": pa.array([w for w, _ in sizes], pa.int32()),
+        "height": pa.array([h for _, h in sizes], pa.int32()),
+        "seed": pa.array([r.seed for r in rows], pa.int64()),
+        "sample_seed": pa.array([r.sample_seed for r in rows], pa.int64()),
+        "task": pa.array([r.task for r in rows], pa.string()),
+        "prompt": pa.array([r.prompt for r in rows], pa.string()),
+        "negative_prompt": pa.array([r.negative_prompt for r in rows], pa.string()),
         **_model_columns(rows, cfg),
-    }
-    return pa.table({**cols, **_extras(rows, cfg.extra_schema)})
+        **{name: pa.array([r.outputs.scores.get(name) for r in rows], _SCORE_TYPES[kind]) for name, kind in cfg.scores.items()},
+        **_extras(rows, cfg.extra_schema),
+    })
 
 
-def _embedding_table(rows: list[Row]) -> pa.Table:
+def _embedding_table(rows: list[Sample]) -> pa.Table:
     """A 1-D embedding is a fixed-size float list (its size is the model's, so every shard
     agrees); an N-D one (e.g. a latent whose shape follows the image size) is flattened
     into a float list with its shape beside it in `<name>_shape`."""
-    names = sorted({n for r in rows for n in r["embeddings"]})
+    names = sorted({n for r in rows for n in r.outputs.embeddings})
     cols = _keys(rows)
     for n in names:
-        vals = [None if r["embeddings"].get(n) is None else np.asarray(r["embeddings"][n], np.float32) for r in rows]
+        vals = [None if r.outputs.embeddings.get(n) is None else np.asarray(r.outputs.embeddings[n], np.float32) for r in rows]
         present = [v for v in vals if v is not None]
         if all(v.ndim == 1 for v in present):
             sizes = {v.size for v in present}
@@ -117,28 +158,29 @@ def _embedding_table(rows: list[Row]) -> pa.Table:
     return pa.table(cols)
 
 
-def _text_table(rows: list[Row], cfg: SinkConfig) -> pa.Table:
-    cols = {
-        **_keys(rows),
-        "task": pa.array([r["task"] for r in rows], pa.string()),
-        "prompt": pa.array([r.get("prompt") for r in rows], pa.string()),
-        "text": pa.array([r["text"] for r in rows], pa.string()),
-        **_model_columns(rows, cfg),
-    }
-    return pa.table({**cols, **_extras(rows, cfg.extra_schema)})
-
-
-def _error_table(rows: list[Row]) -> pa.Table:
+def _text_table(rows: list[Sample], cfg: SinkConfig) -> pa.Table:
     return pa.table({
         **_keys(rows),
-        "task": pa.array([r.get("task") for r in rows], pa.string()),
-        "stage": pa.array([r["error"]["stage"] for r in rows], pa.string()),
-        "kind": pa.array([r["error"]["kind"] for r in rows], pa.string()),
-        "message": pa.array([r["error"]["message"] for r in rows], pa.string()),
+        "task": pa.array([r.task for r in rows], pa.string()),
+        "prompt": pa.array([r.prompt for r in rows], pa.string()),
+        "text": pa.array([r.outputs.text for r in rows], pa.string()),
+        **_model_columns(rows, cfg),
+        **_extras(rows, cfg.extra_schema),
     })
 
 
-def _webdataset_tar(rows: list[Row], cfg: SinkConfig) -> bytes:
+def _error_table(rows: list[Sample]) -> pa.Table:
+    failures = [r.failure for r in rows if r.failure is not None]
+    return pa.table({
+        **_keys(rows),
+        "task": pa.array([r.task for r in rows], pa.string()),
+        "stage": pa.array([f.stage for f in failures], pa.string()),
+        "kind": pa.array([f.kind for f in failures], pa.string()),
+        "message": pa.array([f.message for f in failures], pa.string()),
+    })
+
+
+def _webdataset_tar(rows: list[Sample], cfg: SinkConfig) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         def add(name: str, data: bytes) -> None:
@@ -147,69 +189,70 @@ def _webdataset_tar(rows: list[Row], cfg: SinkConfig) -> bytes:
             tar.addfile(info, io.BytesIO(data))
 
         # one embedding per sample: {key}.npy, as img2dataset; several: {key}.{name}.npy
-        single = len({n for r in rows for n in (r.get("embeddings") or {})}) == 1
-        for r in sorted(rows, key=lambda r: (r["id"], r["sample_index"])):
-            key = sample_key(r["id"], r["sample_index"])
-            meta = {"id": r["id"], "sample_index": r["sample_index"], "task": r["task"], "prompt": r.get("prompt"),
-                    "seed": r["seed"], "sample_seed": r["sample_seed"], "width": r["width"], "height": r["height"],
-                    "family": cfg.family, "model": cfg.model, "sampler": r["params"], **r.get("extras", {})}
-            add(f"{key}.{_IMAGE_MIME_EXT[cfg.image_format]}", r["image_bytes"])
+        single = len({n for r in rows for n in r.outputs.embeddings}) == 1
+        for r in sorted(rows, key=lambda r: r.key):
+            key = sample_key(r.id, r.sample_index)
+            w, h = r.outputs.image_size or (None, None)
+            meta = {**r.extras, "id": r.id, "sample_index": r.sample_index, "task": r.task, "prompt": r.prompt,
+                    "seed": r.seed, "sample_seed": r.sample_seed, "width": w, "height": h, "family": cfg.family,
+                    "model": cfg.model, "sampler": json.loads(_sampler(r)), **r.outputs.scores}
+            add(f"{key}.{_IMAGE_MIME_EXT[cfg.image_format]}", r.outputs.image or b"")
             add(f"{key}.json", json.dumps(meta, sort_keys=True, default=str).encode())
-            for name, emb in sorted((r.get("embeddings") or {}).items()):
+            for name, emb in sorted(r.outputs.embeddings.items()):
                 npy = io.BytesIO()
                 np.save(npy, np.asarray(emb, np.float32), allow_pickle=False)  # with its shape
                 add(f"{key}.npy" if single else f"{key}.{name}.npy", npy.getvalue())
     return buf.getvalue()
 
 
-def _stats(rows: list[Row], errors: list[Row]) -> dict:
+def _result(name: str, rows: list[Sample]) -> ShardResult:
     seconds: dict[str, float] = {}
     counts: dict[str, int] = {}
+    by_kind: dict[str, dict[str, int]] = {"error": {}, "retry": {}}
     for r in rows:
-        for stage, s in (r.get("timings") or {}).items():
+        for stage, s in r.stage_seconds.items():
             seconds[stage] = seconds.get(stage, 0.0) + s
             counts[stage] = counts.get(stage, 0) + 1
-    by_kind: dict[str, int] = {}
-    for r in errors:
-        by_kind[r["error"]["kind"]] = by_kind.get(r["error"]["kind"], 0) + 1
-    return {
-        "rows": len(rows),
-        "pairs": sum(r.get("covers", 1) for r in rows),  # manifest pairs accounted for
-        "images": sum(1 for r in rows if "error" not in r and r.get("image_bytes") is not None),
-        "texts": sum(1 for r in rows if "error" not in r and r.get("text") is not None),
-        "errors": len(errors),
-        "errors_by_kind": by_kind,
-        "stage_seconds": seconds,
-        "stage_rows": counts,
-        "committed_at": time.time(),
-    }
+        if r.failure is not None:
+            kinds = by_kind[status_of(r)]
+            kinds[r.failure.kind] = kinds.get(r.failure.kind, 0) + 1
+    status = [status_of(r) for r in rows]
+    return ShardResult(
+        shard=name, rows=len(rows),
+        pairs=sum(r.covers for r, st in zip(rows, status) if st != "retry"),
+        images=sum(1 for r, st in zip(rows, status) if st == "ok" and r.outputs.image is not None),
+        texts=sum(1 for r, st in zip(rows, status) if st == "ok" and r.outputs.text is not None),
+        errors=status.count("error"), retryable=status.count("retry"),
+        errors_by_kind=by_kind["error"], retryable_by_kind=by_kind["retry"], stage_seconds=seconds, stage_rows=counts, committed_at=time.time())
 
 
-def write_shard(rows: list[Row], cfg: SinkConfig) -> dict:
-    """Write one shard and its commit record; returns the shard's stats."""
+def write_shard(rows: list[Sample], cfg: SinkConfig) -> ShardResult | None:
+    """Write one shard and, last, its commit record."""
     if not rows:
-        return {"shard": None, "rows": 0}
+        return None
     fs, root = filesystem(cfg.output)
-    name = shard_name(rows)
-    errors = [r for r in rows if "error" in r]
-    ok = [r for r in rows if "error" not in r]
-    images = [r for r in ok if r.get("image_bytes") is not None]
-    texts = [r for r in ok if r.get("text") is not None]
-    embedded = [r for r in ok if r.get("embeddings")]
+    name = shard_name(r.key for r in rows)
+    status = {r.key: status_of(r) for r in rows}
+    ok = [r for r in rows if status[r.key] == "ok"]
+    images = [r for r in ok if r.outputs.image is not None]
+    texts = [r for r in ok if r.outputs.text is not None]
+    embedded = [r for r in ok if r.outputs.embeddings]
+    errors = [r for r in rows if status[r.key] == "error"]
+    retries = [r for r in rows if status[r.key] == "retry"]
     files = {
         "images": (images, lambda: _parquet_bytes(_image_table(images, cfg)), "parquet"),
         "embeddings": (embedded, lambda: _parquet_bytes(_embedding_table(embedded)), "parquet"),
         "texts": (texts, lambda: _parquet_bytes(_text_table(texts, cfg)), "parquet"),
         "errors": (errors, lambda: _parquet_bytes(_error_table(errors)), "parquet"),
+        "retries": (retries, lambda: _parquet_bytes(_error_table(retries)), "parquet"),
         "webdataset": (images if cfg.webdataset else [], lambda: _webdataset_tar(images, cfg), "tar"),
     }
     for dataset, (subset, make, ext) in files.items():
         if subset:
             write_atomic(fs, join(root, dataset, f"{name}.{ext}"), make())
-    stats = {"shard": name, **_stats(rows, errors)}
-    commit = pa.table({
-        **_keys(rows),
-        "status": pa.array(["error" if "error" in r else "ok" for r in rows], pa.string()),
-    })
-    write_atomic(fs, join(root, COMMITS, f"{name}.parquet"), _parquet_bytes(commit, {STATS_KEY: json.dumps(stats).encode()}))
-    return stats
+    result = _result(name, rows)
+    commit = pa.table({**_keys(rows), "status": pa.array([status[r.key] for r in rows], pa.string()),
+                       "covers": pa.array([r.covers for r in rows], pa.int32()),
+                       "kind": pa.array([None if r.failure is None else r.failure.kind for r in rows], pa.string())})
+    write_atomic(fs, join(root, COMMITS, f"{name}.parquet"), _parquet_bytes(commit, {STATS_KEY: json.dumps(asdict(result)).encode()}))
+    return result

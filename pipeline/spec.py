@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,8 +23,8 @@ class StageConfig(_Strict):
     """Placement of one family stage. Unset fields take the family's defaults."""
 
     replicas: int | tuple[int, int] = 1  # a fixed pool size or (min, max) to autoscale
-    num_gpus: float | None = None  # per replica; fractions share a GPU; None: 1 for GPU stages
-    num_cpus: float = 0.5  # keep small: CPU-bound work (decode, encode) runs elsewhere
+    num_gpus: float | None = None  # per replica; fractions share a GPU; None: the family's default
+    num_cpus: float | None = Field(default=None, ge=0)  # None: the family's default (small: CPU work runs elsewhere)
     batch_size: int | None = Field(default=None, ge=1)
     dtype: Dtype | None = None  # None: bfloat16 on CUDA, float32 on CPU
     device: Literal["cuda", "cpu"] | None = None  # None: cuda when the stage has GPUs
@@ -55,6 +53,15 @@ class OutputConfig(_Strict):
     quality: int = Field(default=95, ge=1, le=100)  # webp / jpeg only
     webdataset: bool = False  # also write {key}.png/.json/.npy tar shards
     rows_per_shard: int = Field(default=1000, ge=1)
+    # a shard is committed when it holds rows_per_shard samples or its oldest waited this long:
+    # a crash loses at most about this much finished work per writer
+    max_shard_seconds: float = Field(default=60.0, gt=0)
+
+
+class ErrorsConfig(_Strict):
+    max_rate: float = Field(default=0.2, gt=0, le=1)  # stop the job when more fail (1: never stop)
+    window: int = Field(default=1000, ge=1)  # ... over this many most recent samples
+    attempts: int = Field(default=3, ge=1, le=20)  # tries of a transient failure within a run
 
 
 class RayConfig(_Strict):
@@ -73,6 +80,7 @@ class JobSpec(_Strict):
     stages: dict[str, StageConfig] = Field(default_factory=dict)
     output_options: OutputConfig = Field(default_factory=OutputConfig, alias="outputs")
     ray: RayConfig = Field(default_factory=RayConfig)
+    errors: ErrorsConfig = Field(default_factory=ErrorsConfig)
     max_prompt_chars: int = Field(default=4000, ge=1)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -101,10 +109,6 @@ class JobSpec(_Strict):
             "quality": self.output_options.quality,
             "max_prompt_chars": self.max_prompt_chars,
         }
-
-
-def fingerprint_digest(fp: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:

@@ -1,9 +1,11 @@
-"""Runs one family stage over batches, isolating rows that fail.
+"""Runs a family's stages over batches of samples.
 
 The stage's model is built once (in the actor's constructor) and stays resident.
-Rows that failed earlier pass through untouched. If the stage raises for a
-batch, the batch is retried row by row so good rows still land and only the
-rows that raise on their own go to errors.
+Failed samples pass by. A stage answers each sample with a Result or a RowError; only
+when it raises for a whole batch is the batch re-run sample by sample, to find the
+ones that fail. An unexpected exception is that sample's error: permanent, or, when
+transient (CUDA out of memory, storage, network), retried here a few times with
+backoff and then recorded as retryable, for a later run to try again.
 """
 
 from __future__ import annotations
@@ -14,70 +16,87 @@ import time
 import pyarrow as pa
 
 from pipeline.families import get_family
-from pipeline.family import RowError, StageContext
-from pipeline.rows import Row, fail, from_block, to_block
+from pipeline.family import StageContext
+from pipeline.retry import is_transient
+from pipeline.rows import from_block, to_block
+from pipeline.sample import Result, RowError, Sample
 from pipeline.storage import redact
 
 log = logging.getLogger(__name__)
-
-
-def _error_kind(e: Exception) -> str:
-    return e.kind if isinstance(e, RowError) else type(e).__name__
+RETRY_BACKOFF_SECONDS = 0.5
 
 
 class StageRunner:
-    """One stage over lists of rows."""
+    """One stage over lists of samples."""
 
-    def __init__(self, family: str, stage: str, ctx: StageContext):
+    def __init__(self, family: str, stage: str, ctx: StageContext, *, keep_inputs: bool = True, attempts: int = 3):
         specs = {s.name: s for s in get_family(family).stages(ctx.model_path)}
         if stage not in specs:
             raise ValueError(f"family {family!r} has no stage {stage!r} (stages: {', '.join(specs)})")
-        self.name = stage
+        self.name, self.keep_inputs, self.attempts = stage, keep_inputs, max(1, attempts)
         self.fn = specs[stage].build(ctx)
 
-    def _apply(self, rows: list[Row]) -> None:
-        outs = self.fn(rows)
-        if len(outs) != len(rows):
-            raise RuntimeError(f"stage {self.name} returned {len(outs)} rows for {len(rows)}")
-        for row, out in zip(rows, outs):
-            row.update(out)
+    def _call(self, samples: list[Sample]) -> list[Result | RowError]:
+        results = self.fn(samples)
+        if len(results) != len(samples):
+            raise RuntimeError(f"stage {self.name} returned {len(results)} results for {len(samples)} samples")
+        for r in results:
+            if not isinstance(r, (Result, RowError)):
+                raise TypeError(f"stage {self.name} returned {type(r).__name__}, not a Result or RowError")
+        return results
 
-    def _fail(self, row: Row, e: Exception) -> None:
-        fail(row, self.name, _error_kind(e), redact(str(e)) or type(e).__name__)
+    @staticmethod
+    def _as_error(e: Exception) -> RowError:
+        if isinstance(e, RowError):
+            return e
+        return RowError(type(e).__name__, redact(str(e)) or type(e).__name__, retryable=is_transient(e))
 
-    def run_rows(self, rows: list[Row]) -> list[Row]:
-        live = [r for r in rows if "error" not in r]
+    def _alone(self, sample: Sample) -> Result | RowError:
+        for attempt in range(self.attempts):
+            try:
+                return self._call([sample])[0]
+            except Exception as e:  # noqa: BLE001 - one sample's failure is data
+                if isinstance(e, RowError) or not is_transient(e) or attempt + 1 >= self.attempts:
+                    return self._as_error(e)
+                time.sleep(RETRY_BACKOFF_SECONDS * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def run(self, samples: list[Sample]) -> None:
+        live = [s for s in samples if s.failure is None]
         if not live:
-            return rows
+            return
         start = time.perf_counter()
         try:
-            self._apply(live)
-        except Exception as batch_error:  # noqa: BLE001 - isolate the failing rows below
-            if len(live) == 1:
-                self._fail(live[0], batch_error)
+            results = self._call(live)
+        except Exception as e:  # noqa: BLE001 - find the failing samples below
+            if len(live) > 1:
+                log.warning("stage %s raised for a batch of %d (%s); running it sample by sample", self.name, len(live), type(e).__name__)
+                results = [self._alone(s) for s in live]
+            elif isinstance(e, RowError) or not is_transient(e):
+                results = [self._as_error(e)]
             else:
-                log.warning("stage %s failed for a batch of %d (%s); retrying row by row", self.name, len(live), type(batch_error).__name__)
-                for row in live:
-                    try:
-                        self._apply([row])
-                    except Exception as e:  # noqa: BLE001 - one row's failure is data
-                        self._fail(row, e)
-        per_row = (time.perf_counter() - start) / len(live)
-        for row in live:
-            row.setdefault("timings", {})[self.name] = per_row
-        return rows
-
+                results = [self._alone(live[0])]
+        per_sample = (time.perf_counter() - start) / len(live)
+        for s, r in zip(live, results):
+            if isinstance(r, RowError):
+                s.fail(self.name, r.kind, redact(str(r)) or r.kind, r.retryable)
+            else:
+                s.apply(r)
+                if not self.keep_inputs:
+                    s.inputs = {}
+            s.stage_seconds[self.name] = per_sample
 
 
 class StageGroup:
-    """The batch function of one actor pool: one stage, or several consecutive
-    stages sharing the actor (and its GPUs), run in order."""
+    """The batch function of one actor pool: one stage, or several consecutive stages
+    sharing the actor (and its GPUs), run in order.
+    stages: (name, context, keep_inputs: a later stage still reads Sample.inputs)."""
 
-    def __init__(self, family: str, stages: list[tuple[str, StageContext]]):
-        self.runners = [StageRunner(family, name, ctx) for name, ctx in stages]
+    def __init__(self, family: str, stages: list[tuple[str, StageContext, bool]], attempts: int = 3):
+        self.runners = [StageRunner(family, name, ctx, keep_inputs=keep, attempts=attempts) for name, ctx, keep in stages]
 
     def __call__(self, block: pa.Table) -> pa.Table:
-        rows = from_block(block)
+        samples = from_block(block)
         for runner in self.runners:
-            rows = runner.run_rows(rows)
-        return to_block(rows)
+            runner.run(samples)
+        return to_block(samples)

@@ -1,9 +1,9 @@
-"""Row validation and expansion into (id, sample_index) work items.
+"""Row validation and expansion into samples, the (id, sample_index) work items.
 
-A bad row never stops the job: it becomes one error record keyed
-(id, -(occurrence+1)) so that its key is stable across runs and distinct from
-the sample keys. Good rows expand into num_samples items, each with its own
-seed; items already committed by an earlier run are dropped here (resume).
+A bad row never stops the job: it becomes one failed sample keyed
+(id, -(occurrence+1)) so that its key is stable across runs and distinct from the
+sample keys. Good rows expand into num_samples samples, each with its own seed;
+samples already committed by an earlier run are dropped here (resume).
 """
 
 from __future__ import annotations
@@ -16,16 +16,15 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.families import get_family
-from pipeline.family import RowError
+from pipeline.family import parse_params
 from pipeline.keys import KeySet, pair_hashes
-from pipeline.manifest import KNOWN_COLUMNS
+from pipeline.manifest import ORDINAL
 from pipeline.plan import MAX_SAMPLES_PER_ROW, samples_of
-from pipeline.rows import Row, fail, to_block
+from pipeline.rows import to_block
+from pipeline.sample import RowError, Sample
 
-TASKS = ("t2i", "edit", "variation", "understand")
-NEEDS_IMAGE = ("edit", "variation", "understand")
-NEEDS_PROMPT = ("t2i", "edit", "understand")
 MAX_SIDE = 8192
+MAX_SEED = 2**63 - 1
 
 
 def sample_seed(seed: int, row_id: str, sample_index: int) -> int:
@@ -37,7 +36,7 @@ def sample_seed(seed: int, row_id: str, sample_index: int) -> int:
 def _int_field(value: Any, name: str, lo: int, hi: int) -> int | None:
     if value is None:
         return None
-    if isinstance(value, float) and (math.isnan(value) or value != int(value)):
+    if isinstance(value, float) and (not math.isfinite(value) or value != int(value)):
         raise RowError(f"bad_{name}", f"{name} must be an integer, got {value}")
     v = int(value)
     if not lo <= v <= hi:
@@ -51,8 +50,8 @@ def _params(value: Any) -> dict:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise RowError("bad_params", f"params is not valid JSON: {e}") from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise RowError("bad_params", f"params is not valid JSON: {type(e).__name__}: {str(e)[:200]}") from None
     if isinstance(value, list) and all(isinstance(kv, tuple) for kv in value):  # Arrow map
         value = dict(value)
     if not isinstance(value, dict):
@@ -60,59 +59,102 @@ def _params(value: Any) -> dict:
     return {k: v for k, v in value.items() if v is not None}
 
 
+def manifest_rows(table: pa.Table) -> list[dict[str, Any]]:
+    """The rows as dicts. A string column with invalid UTF-8 in some rows is read as
+    bytes; those rows carry the column's name in "__bad_utf8" (a row error later)."""
+    bad: list[list[str]] = [[] for _ in range(table.num_rows)]
+    columns = {}
+    for name in table.column_names:
+        col = table.column(name)
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            try:
+                col.validate(full=True)
+            except pa.ArrowInvalid:
+                raw = col.cast(pa.large_binary()).to_pylist()
+                values = []
+                for i, b in enumerate(raw):
+                    try:
+                        values.append(None if b is None else b.decode("utf-8"))
+                    except UnicodeDecodeError:
+                        bad[i].append(name)
+                        values.append(None)
+                columns[name] = values
+                continue
+        columns[name] = col.to_pylist()
+    rows = [dict(zip(columns, vals)) for vals in zip(*columns.values())]
+    for row, cols in zip(rows, bad):
+        if cols:
+            row["__bad_utf8"] = cols
+    return rows
+
+
 class Expand:
-    """Manifest rows -> validated work items (batch function over Arrow tables)."""
+    """Manifest rows -> validated samples (batch function over Arrow tables)."""
 
     def __init__(self, family: str, *, job_seed: int, sampler: dict[str, dict], max_prompt_chars: int,
-                 duplicates: dict[int, int], committed: KeySet):
+                 duplicates: dict[int, int], committed: KeySet, extras: dict[str, str]):
         self.family, self.job_seed, self.sampler = get_family(family), job_seed, sampler
         self.max_prompt_chars, self.duplicates, self.committed = max_prompt_chars, duplicates, committed
+        self.extras = extras  # manifest column -> output column name
 
     def check(self, m: dict) -> dict:
-        """Raises RowError for a bad row; returns its validated task, num_samples,
-        seed (the row's or the job's), width, height and params."""
+        """Raises RowError for a bad row; returns the fields of its samples and num_samples."""
+        if m.get("__bad_utf8"):
+            raise RowError("bad_text", f"column(s) {', '.join(m['__bad_utf8'])} not valid UTF-8")
         if not m.get("id"):
             raise RowError("missing_id", "id is null or empty")
-        if m["_ordinal"] in self.duplicates:
+        if m[ORDINAL] in self.duplicates:
             raise RowError("duplicate_id", f"id {m['id']!r} appeared earlier in the manifest")
         task = m.get("task") or "t2i"
-        if task not in TASKS:
-            raise RowError("unknown_task", f"task {task!r} is not one of {', '.join(TASKS)}")
-        if task not in self.family.tasks:
+        spec = self.family.tasks.get(task)
+        if spec is None:
             raise RowError("unsupported_task", f"family {self.family.name} does not do {task!r} (it does {', '.join(sorted(self.family.tasks))})")
         prompt = m.get("prompt")
-        if task in NEEDS_PROMPT and (prompt is None or not prompt.strip()):
+        if spec.needs_prompt and (prompt is None or not prompt.strip()):
             raise RowError("empty_prompt", "prompt is empty")
         if prompt is not None and len(prompt) > self.max_prompt_chars:
             raise RowError("prompt_too_long", f"prompt has {len(prompt)} characters (limit {self.max_prompt_chars})")
-        seed = _int_field(m.get("seed"), "seed", 0, 2**63 - 1)
+        seed = _int_field(m.get("seed"), "seed", 0, MAX_SEED)
         width, height = (_int_field(m.get(side), side, 1, MAX_SIDE) for side in ("width", "height"))
         n = samples_of(m.get("num_samples"))
         if n is None:
             raise RowError("bad_num_samples", f"num_samples must be an integer in [1, {MAX_SAMPLES_PER_ROW}], got {m.get('num_samples')}")
-        if task in NEEDS_IMAGE and m.get("image") in (None, b"", ""):
-            raise RowError("missing_input", f"task {task!r} needs an image")
-        params = self.family.params_for(task, {**self.sampler.get(task, {}), **_params(m.get("params"))})
-        return {"task": task, "num_samples": n, "seed": self.job_seed if seed is None else seed,
-                "width": width, "height": height, "params": params}
+        inputs: dict[str, Any] = {}
+        for inp in spec.inputs:
+            value = m.get(inp.name)
+            empty = value in (None, b"", "") or (inp.many and not value)
+            if empty and inp.required:
+                raise RowError("missing_input", f"task {task!r} needs {inp.name!r}")
+            if not empty:
+                inputs[inp.name] = list(value or []) if inp.many else value
+        try:
+            params = parse_params(spec.params, {**self.sampler.get(task, {}), **_params(m.get("params"))})
+        except RecursionError:
+            raise RowError("bad_params", "params are nested too deeply") from None
+        return {"task": task, "prompt": prompt, "negative_prompt": m.get("negative_prompt"), "width": width, "height": height,
+                "seed": self.job_seed if seed is None else seed, "params": params, "inputs": inputs, "num_samples": n}
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        out: list[Row] = []
-        for m in table.to_pylist():
-            extras = {k: v for k, v in m.items() if k not in KNOWN_COLUMNS and k != "_ordinal"}
-            base = {"id": m.get("id") or "", "task": m.get("task") or "t2i", "prompt": m.get("prompt"), "extras": extras}
+        out: list[Sample] = []
+        for m in manifest_rows(table):
+            extras = {name: m.get(col) for col, name in self.extras.items()}
             try:
                 item = self.check(m)
             except RowError as e:
-                key = -(self.duplicates.get(m["_ordinal"], 0) + 1)
+                row_id = m.get("id") or ""
+                key = -(self.duplicates.get(m[ORDINAL], 0) + 1)
+                if self.committed.contains(pair_hashes([row_id], [key]))[0]:
+                    continue
                 # the record stands for all the pairs the plan expected of this row
-                covers = 1 if m["_ordinal"] in self.duplicates else (samples_of(m.get("num_samples")) or 1)
-                if not self.committed.contains(pair_hashes([base["id"]], [key]))[0]:
-                    out.append(fail({**base, "sample_index": key, "covers": covers}, "validate", e.kind, str(e)))
+                covers = 1 if m[ORDINAL] in self.duplicates else (samples_of(m.get("num_samples")) or 1)
+                prompt = m.get("prompt") if isinstance(m.get("prompt"), str) else None
+                failed = Sample(id=row_id, sample_index=key, task=str(m.get("task") or "t2i"), prompt=prompt, extras=extras, covers=covers)
+                failed.fail("validate", e.kind, str(e), e.retryable)
+                out.append(failed)
                 continue
-            n, seed = item.pop("num_samples"), item["seed"]
+            n = item.pop("num_samples")
             todo = [i for i, done in enumerate(self.committed.contains(pair_hashes([m["id"]] * n, range(n)))) if not done]
             for i in todo:
-                out.append({**base, **item, "sample_index": i, "sample_seed": sample_seed(seed, m["id"], i),
-                            "negative_prompt": m.get("negative_prompt"), "image": m.get("image"), "mask": m.get("mask")})
+                out.append(Sample(id=m["id"], sample_index=i, sample_seed=sample_seed(item["seed"], m["id"], i),
+                                  extras=dict(extras), **item))
         return to_block(out)

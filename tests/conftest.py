@@ -32,23 +32,108 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class FaultProxy:
+    """An HTTP proxy in front of moto that fails a share of requests the way object stores
+    do under load: 503 SlowDown, 500 InternalError, or a connection reset mid-request.
+    `fault_rate` is 0 (pass through) until a test raises it."""
+
+    def __init__(self, target_port: int):
+        import http.client
+        import random
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        proxy = self
+        self.fault_rate, self.faults, self.requests = 0.0, 0, 0
+        self._rng, self._lock = random.Random(1234), threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    data = b""
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0], 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b""):
+                                pass
+                            return data
+                        data += self.rfile.read(size)
+                        self.rfile.readline()
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _handle(self):
+                body = self._body()
+                with proxy._lock:
+                    proxy.requests += 1
+                    fault = proxy._rng.random() < proxy.fault_rate
+                    kind = proxy._rng.choice(("503", "500", "reset")) if fault else None
+                    proxy.faults += fault
+                if kind == "reset":
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                if kind is not None:
+                    code, name = (503, "SlowDown") if kind == "503" else (500, "InternalError")
+                    err = f"<Error><Code>{name}</Code><Message>injected</Message></Error>".encode()
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(err)))
+                    self.end_headers()
+                    self.wfile.write(err)
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "content-length")}
+                conn = http.client.HTTPConnection("127.0.0.1", target_port)
+                conn.request(self.command, self.path, body=body if body or self.command in ("PUT", "POST") else None,
+                             headers={**headers, "Content-Length": str(len(body))})
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "content-length", "connection"):
+                        self.send_header(k, v)
+                # a HEAD answer has no body but tells the object's size
+                self.send_header("Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+
+
 @pytest.fixture(scope="session")
 def s3_server():
-    """moto's S3 server on 127.0.0.1, with the standard AWS environment pointing at it."""
+    """moto's S3 server on 127.0.0.1 behind a FaultProxy, with the standard AWS environment
+    pointing at the proxy. Yields the environment, plus "proxy"."""
     from moto.server import ThreadedMotoServer
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
+    proxy = FaultProxy(port)
     env = {
-        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
+        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy.port}",
         "AWS_ACCESS_KEY_ID": "testing-key-id",
         "AWS_SECRET_ACCESS_KEY": "testing-secret-value",
         "AWS_DEFAULT_REGION": "us-east-1",
     }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    yield env
+    yield {**env, "proxy": proxy}
+    proxy.stop()
     server.stop()
     for k, v in old.items():
         if v is None:

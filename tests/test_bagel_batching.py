@@ -4,7 +4,8 @@ sizes, tasks, step counts and every CFG setting."""
 import pytest
 import torch
 
-from modeling.bagel import context, sampling as S
+from modeling.bagel import context
+from modeling.bagel import sampling as S
 from modeling.bagel.load import load_bagel, load_tokenizer
 from modeling.bagel.tiny import write_tiny
 

@@ -7,7 +7,7 @@ from tests.conftest import ROOT, TOY, write_manifest
 
 
 def genfleet(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, capture_output=True, text=True)
 
 
 def test_bad_manifest_fails_fast_naming_file_and_column(tmp_path):
@@ -45,3 +45,27 @@ def test_a_stage_that_cannot_load_fails_the_job_with_its_cause(tmp_path):
     assert p.returncode == 1
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("genfleet: job failed:") and "RuntimeError: toy weights are missing" in last, p.stderr[-3000:]
+
+
+def test_an_exception_inside_ray_is_a_job_failure_not_a_user_error(tmp_path):
+    manifest = write_manifest(str(tmp_path / "m.parquet"), {"id": ["a"], "prompt": ["p"]})
+    p = genfleet("run", "--family", TOY, "--model", "toy", "--manifest", manifest, "--output", str(tmp_path / "o"),
+                 "--set", "stages.shade.num_gpus=0", "--set", "stages.shade.options.fail_build=value")
+    assert p.returncode == 1
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("genfleet: job failed:") and "ValueError: toy weights are malformed" in last, p.stderr[-3000:]
+
+
+def test_model_layout_problems_fail_before_anything_starts(tmp_path):
+    from modeling.dalle2.tiny import write_tiny
+
+    manifest = write_manifest(str(tmp_path / "m.parquet"), {"id": ["a"], "prompt": ["p"]})
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "llm_config.json").write_text("{}")
+    p = genfleet("run", "--family", "bagel", "--model", str(tmp_path / "half"), "--manifest", manifest, "--output", str(tmp_path / "o"))
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].endswith("missing vit_config.json"), p.stderr[-2000:]
+    assert "Started a local Ray" not in p.stderr and not (tmp_path / "o").exists()
+    stack = write_tiny(tmp_path / "dalle2")
+    p = genfleet("run", "--family", "dalle2", "--model", str(stack.parent), "--manifest", manifest, "--output", str(tmp_path / "o"))
+    assert p.returncode == 2 and "is a directory; give its dalle2-laion config JSON" in p.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "o").exists()

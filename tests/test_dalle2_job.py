@@ -4,7 +4,6 @@ t2i, variation and inpainting rows, each stage on its own (declared) GPU actor."
 import io
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -29,8 +28,8 @@ def tiny_stack(tmp_path_factory):
 def test_t2i_variation_inpaint_through_the_runner(ray_cluster, tiny_stack, tmp_path):
     rng = np.random.default_rng(0)
     source = png(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8))
-    mask = np.zeros((32, 32), np.uint8)
-    mask[8:24, 8:24] = 255
+    mask = np.zeros((48, 40), np.uint8)  # the input image's size
+    mask[12:36, 10:30] = 255
     rows = [
         {"id": "t2i", "task": "t2i", "prompt": "a red cube", "num_samples": 2, "image": None, "mask": None},
         {"id": "var", "task": "variation", "prompt": None, "num_samples": 1, "image": source, "mask": None},
@@ -44,7 +43,7 @@ def test_t2i_variation_inpaint_through_the_runner(ray_cluster, tiny_stack, tmp_p
     spec = load_spec(None, {"family": "dalle2", "model": tiny_stack, "manifest": manifest, "output": str(tmp_path / "out")}, sets)
     result = run_job(spec, interactive=False)
 
-    assert result["status"] == "completed" and result["images"] == 4 and result["errors"] == 1
+    assert result["status"] == "completed" and result["images"] == 4 and result["errors"] == 1, result
     assert set(result["stage_rows_per_second"]) == {"prepare", "prior", "decoder", "upsampler2"}
     images = pq.read_table(tmp_path / "out" / "images").to_pylist()
     assert sorted((r["id"], r["sample_index"]) for r in images) == [("inpaint", 0), ("t2i", 0), ("t2i", 1), ("var", 0)]

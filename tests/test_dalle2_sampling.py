@@ -1,5 +1,6 @@
 """Samplers: per-sample noise makes batched == one by one; guidance is one forward; draw order."""
 
+import pytest
 import torch
 
 from modeling.dalle2.convert import decoder_params, prior_params
@@ -8,9 +9,17 @@ from modeling.dalle2.prior import DiffusionPriorNetwork
 from modeling.dalle2.sampling import per_sample_noise, sample_decoder, sample_prior, sample_unet
 from modeling.dalle2.tiny import DECODER, PRIOR, _randomize
 
-torch.set_grad_enabled(False)
-torch.set_flush_denormal(True)  # random tiny weights underflow: keep CPU tests fast
-G = lambda s: torch.Generator().manual_seed(s)
+G = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+
+
+@pytest.fixture(autouse=True)
+def _fast_cpu_math():
+    """No autograd, and denormals flushed (random tiny weights underflow), for this module's
+    tests only: torch's defaults are back after each."""
+    torch.set_flush_denormal(True)
+    with torch.no_grad():
+        yield
+    torch.set_flush_denormal(False)
 
 
 def _prior(**over):

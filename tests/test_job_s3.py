@@ -3,7 +3,6 @@
 import io
 import json
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -23,7 +22,7 @@ def png(color, size=(8, 8)) -> bytes:
 
 def manifest_rows():
     rows = [{"id": f"r{i:02d}", "task": "t2i", "prompt": f"prompt {i}", "num_samples": 2, "seed": None, "image": None,
-             "params": None, "gpu": "", "shot": i} for i in range(12)]
+             "params": None, "shot": i, "model": "forged"} for i in range(12)]
     rows[3]["prompt"] = "please explode"  # fails inside the GPU stage
     rows[4]["prompt"] = ""  # fails validation
     rows[5]["params"] = '{"bogus": 1}'
@@ -37,6 +36,7 @@ def manifest_rows():
 
 def read(url: str, dataset: str) -> pa.Table:
     fs, path = filesystem(url)
+    fs.invalidate_cache(f"{path}/{dataset}")  # s3fs caches listings per process; the workers wrote since
     files = sorted(fs.glob(f"{path}/{dataset}/*.parquet"))
     return pa.concat_tables([pq.read_table(fs.open(f, "rb")) for f in files]) if files else None
 
@@ -66,10 +66,11 @@ def test_s3_manifest_to_s3_outputs_with_bad_rows(ray_cluster, bucket):
     good = ["r00", "r01", "r02", "r06", "r09", "r10", "r11"]
     assert keys == [(i, s) for i in good for s in (0, 1)]
     row = images.filter(pa.compute.equal(images["id"], "r09")).to_pylist()[0]
-    assert row["seed"] == 42 and row["family"] == "toy" and row["model"] == "toy-v1" and row["shot"] == 9
+    assert row["seed"] == 42 and row["family"] == "toy" and row["shot"] == 9
+    assert row["model"] == "toy-v1" and row["extra_model"] == "forged"  # a manifest column never replaces provenance
     assert json.loads(row["sampler"]) == {"size": 16, "gain": 1.0}
     # the GPU stage ran on an actor that Ray gave one of the 2 declared GPUs
-    assert set(images["gpu"].to_pylist()) <= {"0", "1"} and all(images["gpu"].to_pylist())
+    assert set(images["gpu_id"].to_pylist()) <= {0.0, 1.0}
     img = Image.open(io.BytesIO(row["image"]))
     assert img.format == "PNG" and img.size == (16, 16)
     emb = read(out, "embeddings")
@@ -86,7 +87,7 @@ def test_s3_manifest_to_s3_outputs_with_bad_rows(ray_cluster, bucket):
 
 
 def test_same_images_whatever_the_batch_size_and_rerun_is_a_no_op(ray_cluster, tmp_path):
-    manifest = write_manifest(str(tmp_path / "m.parquet"), [{"id": f"k{i}", "prompt": "p", "num_samples": 3, "gpu": ""} for i in range(5)])
+    manifest = write_manifest(str(tmp_path / "m.parquet"), [{"id": f"k{i}", "prompt": "p", "num_samples": 3} for i in range(5)])
     run_job(spec_for(manifest, str(tmp_path / "a"), "stages.shade.batch_size=1", "stages.noise.batch_size=1"), interactive=False)
     run_job(spec_for(manifest, str(tmp_path / "b"), "stages.shade.batch_size=7", "stages.shade.replicas=2"), interactive=False)
     a, b = read(str(tmp_path / "a"), "images"), read(str(tmp_path / "b"), "images")
@@ -100,7 +101,7 @@ def test_same_images_whatever_the_batch_size_and_rerun_is_a_no_op(ray_cluster, t
 def test_resume_with_changed_settings_is_refused_unless_new_run(ray_cluster, tmp_path):
     from pipeline.resume import ResumeError
 
-    manifest = write_manifest(str(tmp_path / "m.parquet"), [{"id": "a", "prompt": "p", "gpu": ""}])
+    manifest = write_manifest(str(tmp_path / "m.parquet"), [{"id": "a", "prompt": "p"}])
     out = str(tmp_path / "o")
     run_job(spec_for(manifest, out), interactive=False)
     with pytest.raises(ResumeError, match=r"sampler.t2i: None -> \{'gain': 2\}|sampler"):

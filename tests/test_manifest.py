@@ -3,7 +3,7 @@
 import pyarrow as pa
 import pytest
 
-from pipeline.manifest import ManifestError, open_manifest, read_file_rows
+from pipeline.manifest import ORDINAL, ManifestError, open_manifest, output_names, read_file_rows
 from pipeline.plan import make_plan
 from tests.conftest import write_manifest
 
@@ -17,7 +17,7 @@ def test_directory_glob_and_file_forms_list_the_same_rows(tmp_path):
     one = open_manifest(str(tmp_path / "m" / "part-1.parquet"))
     assert [f.path for f in by_dir.files] == [f.path for f in by_glob.files]
     assert by_dir.num_rows == 6 and one.num_rows == 2
-    ordinals = [o for f in by_dir.files for t in read_file_rows(by_dir.url_of(f), f) for o in t.column("_ordinal").to_pylist()]
+    ordinals = [o for f in by_dir.files for t in read_file_rows(by_dir.url_of(f), f) for o in t.column(ORDINAL).to_pylist()]
     assert ordinals == list(range(6))
 
 
@@ -29,12 +29,14 @@ def test_directory_glob_and_file_forms_list_the_same_rows(tmp_path):
         ({"id": ["a"], "seed": ["7"]}, "column 'seed' has type string, expected int64"),
         ({"id": ["a"], "image": [3.5]}, "column 'image' has type double"),
         ({"id": ["a"], "params": [1]}, "column 'params' has type int64"),
+        ({"id": ["a"], "images": [b"x"]}, "column 'images' has type binary, expected list of binary"),
+        ({"id": ["a"], "__genfleet_ordinal": [1]}, "column '__genfleet_ordinal' uses the runner's reserved prefix"),
     ],
 )
 def test_bad_columns_name_file_and_column(tmp_path, columns, message):
     path = write_manifest(str(tmp_path / "bad.parquet"), columns)
     with pytest.raises(ManifestError) as e:
-        open_manifest(path)
+        open_manifest(path, {"image": False, "images": True})
     assert message in str(e.value) and "bad.parquet" in str(e.value)
 
 
@@ -66,3 +68,28 @@ def test_plan_finds_duplicates_in_manifest_order_and_counts_pairs(tmp_path):
     assert plan.duplicates == {2: 1, 3: 2, 5: 1}
     # x:2 + y:3 + z:1 + one error record per duplicate occurrence
     assert plan.expected_pairs == 2 + 3 + 1 + 3
+
+
+def test_input_columns_are_the_familys(tmp_path):
+    path = write_manifest(str(tmp_path / "m.parquet"), {"id": ["a"], "image": [3.5], "images": [[b"x", "s3://b/y.png"]]})
+    assert open_manifest(path).extra_columns == ["image", "images"]  # a family without inputs carries them through
+    assert open_manifest(path, {"images": True}).extra_columns == ["image"]
+
+
+def test_extras_that_collide_with_output_columns_are_renamed():
+    assert output_names(["model", "shot", "sample_index"], {"model", "sample_index"}) == {
+        "model": "extra_model", "shot": "shot", "sample_index": "extra_sample_index"}
+    with pytest.raises(ManifestError, match="'model'"):
+        output_names(["model", "extra_model"], {"model"})
+
+
+def test_an_id_that_is_not_utf8_fails_the_plan_naming_file_and_column(tmp_path):
+    ids = pa.array([b"ok", b"bad \xff"], pa.binary()).view(pa.string())
+    path = write_manifest(str(tmp_path / "ids.parquet"), {"id": ids})
+    with pytest.raises(ManifestError, match=r"ids.parquet: column 'id' is not valid UTF-8"):
+        make_plan(open_manifest(path))
+
+
+def test_infinite_num_samples_counts_as_one_error_in_the_plan(tmp_path):
+    path = write_manifest(str(tmp_path / "m.parquet"), {"id": ["a", "b"], "num_samples": [float("inf"), 2.0]})
+    assert make_plan(open_manifest(path)).expected_pairs == 3

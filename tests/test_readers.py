@@ -17,7 +17,7 @@ from tests.conftest import ROOT, TOY, write_manifest
 @pytest.fixture(scope="module")
 def finished(ray_cluster, tmp_path_factory):
     d = tmp_path_factory.mktemp("readers")
-    rows = [{"id": f"id.{i}/x", "prompt": f"p{i}", "num_samples": 2, "gpu": "", "caption_source": f"src{i}"} for i in range(5)]
+    rows = [{"id": f"id.{i}/x", "prompt": f"p{i}", "num_samples": 2, "caption_source": f"src{i}"} for i in range(5)]
     rows[1]["prompt"] = ""
     manifest = write_manifest(str(d / "m.parquet"), rows)
     out = str(d / "out")

@@ -2,13 +2,13 @@
 
 import logging
 
-from pipeline.report import Progress, Tally
+from pipeline.report import Progress
 
 
 def test_plain_lines_when_not_a_terminal(caplog):
     caplog.set_level(logging.INFO, logger="genfleet")
     p = Progress(total=10, done=2, interactive=False)
-    p.update(Tally(rows=10, pairs=10, images=9, errors=1))
+    p.update(10, 1)
     p.close()
     line = caplog.records[-1].getMessage()
     assert line.startswith("progress 10/10,") and "1 errors" in line and "eta 0s" in line
@@ -17,7 +17,7 @@ def test_plain_lines_when_not_a_terminal(caplog):
 def test_live_bar_tracks_pairs_and_errors():
     p = Progress(total=40, done=0, interactive=True)
     try:
-        p.update(Tally(rows=12, pairs=12, images=11, errors=1))
+        p.update(12, 1)
         task = p._bar.tasks[0]
         assert task.total == 40 and task.completed == 12 and task.fields["errors"] == 1
     finally:

@@ -6,63 +6,105 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.keys import KeySet, pair_hashes
+from pipeline.manifest import ORDINAL
 from pipeline.rows import from_block
 from pipeline.validate import Expand, sample_seed
 from tests.conftest import TOY
 
+NOTHING = KeySet(np.zeros(0, np.uint64))
 
-def expand(rows, committed=KeySet(np.zeros(0, np.uint64)), duplicates=None, **kw):
-    table = pa.Table.from_pylist([{**r, "_ordinal": i} for i, r in enumerate(rows)])
+
+def expand(rows, committed=NOTHING, duplicates=None, extras=None, schema=None, **kw):
+    table = pa.Table.from_pylist([{**r, ORDINAL: i} for i, r in enumerate(rows)], schema=schema)
     fn = Expand(TOY, job_seed=kw.get("seed", 7), sampler=kw.get("sampler", {}), max_prompt_chars=kw.get("max_chars", 50),
-                duplicates=duplicates or {}, committed=committed)
+                duplicates=duplicates or {}, committed=committed, extras=extras or {})
     return from_block(fn(table))
 
 
 def test_each_kind_of_bad_row_is_recorded_and_good_rows_expand():
+    base = {"prompt": "a", "num_samples": 1, "task": "t2i", "seed": None, "params": None, "image": None, "width": None}
     rows = [
-        {"id": "ok", "prompt": "a cat", "num_samples": 3, "task": None, "seed": None, "params": None, "image": None, "width": None},
-        {"id": "empty", "prompt": "  ", "num_samples": 1, "task": "t2i", "seed": None, "params": None, "image": None, "width": None},
-        {"id": "long", "prompt": "x" * 51, "num_samples": 1, "task": "t2i", "seed": None, "params": None, "image": None, "width": None},
-        {"id": "negseed", "prompt": "a", "num_samples": 1, "task": "t2i", "seed": -1, "params": None, "image": None, "width": None},
-        {"id": "task", "prompt": "a", "num_samples": 1, "task": "paint", "seed": None, "params": None, "image": None, "width": None},
-        {"id": "unsup", "prompt": "a", "num_samples": 1, "task": "understand", "seed": None, "params": None, "image": b"x", "width": None},
-        {"id": "noimg", "prompt": "a", "num_samples": 1, "task": "edit", "seed": None, "params": None, "image": None, "width": None},
-        {"id": "json", "prompt": "a", "num_samples": 1, "task": "t2i", "seed": None, "params": "{oops", "image": None, "width": None},
-        {"id": "key", "prompt": "a", "num_samples": 1, "task": "t2i", "seed": None, "params": '{"steps": 3}', "image": None, "width": None},
-        {"id": "n", "prompt": "a", "num_samples": 0, "task": "t2i", "seed": None, "params": None, "image": None, "width": None},
-        {"id": "w", "prompt": "a", "num_samples": 1, "task": "t2i", "seed": None, "params": None, "image": None, "width": -4},
-        {"id": None, "prompt": "a", "num_samples": 1, "task": "t2i", "seed": None, "params": None, "image": None, "width": None},
+        {**base, "id": "ok", "prompt": "a cat", "num_samples": 3, "task": None},
+        {**base, "id": "empty", "prompt": "  "},
+        {**base, "id": "long", "prompt": "x" * 51},
+        {**base, "id": "negseed", "seed": -1},
+        {**base, "id": "task", "task": "paint"},
+        {**base, "id": "unsup", "task": "understand", "image": b"x"},
+        {**base, "id": "noimg", "task": "edit"},
+        {**base, "id": "json", "params": "{oops"},
+        {**base, "id": "key", "params": '{"steps": 3}'},
+        {**base, "id": "val", "params": '{"size": -3}'},
+        {**base, "id": "n", "num_samples": 0},
+        {**base, "id": "w", "width": -4},
+        {**base, "id": None},
     ]
     out = expand(rows)
-    kinds = {r["id"]: r["error"]["kind"] for r in out if "error" in r}
-    assert kinds == {"empty": "empty_prompt", "long": "prompt_too_long", "negseed": "bad_seed", "task": "unknown_task",
+    kinds = {r.id: r.failure.kind for r in out if r.failure}
+    assert kinds == {"empty": "empty_prompt", "long": "prompt_too_long", "negseed": "bad_seed", "task": "unsupported_task",
                      "unsup": "unsupported_task", "noimg": "missing_input", "json": "bad_params", "key": "bad_params",
-                     "n": "bad_num_samples", "w": "bad_width", "": "missing_id"}
-    good = [r for r in out if "error" not in r]
-    assert [(r["id"], r["sample_index"]) for r in good] == [("ok", 0), ("ok", 1), ("ok", 2)]
-    assert [r["sample_seed"] for r in good] == [sample_seed(7, "ok", i) for i in range(3)]
-    assert len({r["sample_seed"] for r in good}) == 3
-    assert all(r["sample_index"] == -1 for r in out if "error" in r)
+                     "val": "bad_params", "n": "bad_num_samples", "w": "bad_width", "": "missing_id"}
+    messages = {r.id: r.failure.message for r in out if r.failure}
+    assert messages["key"].startswith("params.steps:") and messages["val"].startswith("params.size:")  # the field is named
+    good = [r for r in out if not r.failure]
+    assert [r.key for r in good] == [("ok", 0), ("ok", 1), ("ok", 2)]
+    assert [r.sample_seed for r in good] == [sample_seed(7, "ok", i) for i in range(3)]
+    assert len({r.sample_seed for r in good}) == 3
+    assert all(r.sample_index == -1 for r in out if r.failure)
 
 
 def test_params_merge_job_sampler_then_row_and_row_seed_wins():
     out = expand([{"id": "a", "prompt": "p", "seed": 11, "params": json.dumps({"gain": 2})}], sampler={"t2i": {"size": 8, "gain": 3}})
-    assert out[0]["params"] == {"size": 8, "gain": 2.0}
-    assert out[0]["seed"] == 11 and out[0]["sample_seed"] == sample_seed(11, "a", 0)
+    assert out[0].params.model_dump() == {"size": 8, "gain": 2.0}
+    assert out[0].seed == 11 and out[0].sample_seed == sample_seed(11, "a", 0)
 
 
 def test_non_integer_float_seed_is_a_row_error():
     out = expand([{"id": "a", "prompt": "p", "seed": 1.5}, {"id": "b", "prompt": "p", "seed": 2.0}])
-    assert out[0]["error"]["kind"] == "bad_seed"
-    assert out[1]["seed"] == 2
+    assert out[0].failure.kind == "bad_seed"
+    assert out[1].seed == 2
 
 
 def test_committed_pairs_and_error_records_are_skipped():
     committed = KeySet(pair_hashes(["a", "a", "bad"], [0, 2, -1]))
     out = expand([{"id": "a", "prompt": "p", "num_samples": 3}, {"id": "bad", "prompt": ""}], committed=committed)
-    assert [(r["id"], r["sample_index"]) for r in out] == [("a", 1)]
+    assert [r.key for r in out] == [("a", 1)]
 
 
 def test_duplicate_occurrences_get_distinct_stable_keys():
     out = expand([{"id": "a", "prompt": "p"}, {"id": "a", "prompt": "p"}, {"id": "a", "prompt": "p"}], duplicates={1: 1, 2: 2})
-    assert [(r["sample_index"], r.get("error", {}).get("kind")) for r in out] == [(0, None), (-2, "duplicate_id"), (-3, "duplicate_id")]
+    assert [(r.sample_index, r.failure and r.failure.kind) for r in out] == [(0, None), (-2, "duplicate_id"), (-3, "duplicate_id")]
+
+
+def test_infinite_and_huge_values_are_row_errors():
+    rows = [{"id": "s", "prompt": "p", "seed": float("inf"), "width": None, "num_samples": 1.0},
+            {"id": "w", "prompt": "p", "seed": None, "width": float("-inf"), "num_samples": 1.0},
+            {"id": "n", "prompt": "p", "seed": None, "width": None, "num_samples": float("inf")},
+            {"id": "nan", "prompt": "p", "seed": float("nan"), "width": None, "num_samples": 1.0},
+            {"id": "ok", "prompt": "p", "seed": 3.0, "width": 8.0, "num_samples": 2.0}]
+    out = expand(rows)
+    assert {r.id: r.failure.kind for r in out if r.failure} == {"s": "bad_seed", "w": "bad_width", "n": "bad_num_samples", "nan": "bad_seed"}
+    assert [(r.key, r.width) for r in out if not r.failure] == [(("ok", 0), 8), (("ok", 1), 8)]
+
+
+def test_deeply_nested_params_are_a_row_error():
+    deep = "[" * 100_000 + "]" * 100_000
+    out = expand([{"id": "deep", "prompt": "p", "params": '{"gain": ' + deep + "}"}, {"id": "ok", "prompt": "p", "params": None}])
+    assert out[0].failure.kind == "bad_params" and not out[1].failure
+
+
+def test_invalid_utf8_in_a_text_column_fails_that_row_only():
+    prompts = pa.array([b"fine", b"bad \xff\xfe", b"also fine"], pa.binary()).view(pa.string())
+    table_rows = [{"id": i, "prompt": None} for i in ("a", "b", "c")]
+    schema = pa.schema([("id", pa.string()), ("prompt", pa.string())])
+    table = pa.Table.from_pylist([{**r, ORDINAL: k} for k, r in enumerate(table_rows)],
+                                 schema=schema.append(pa.field(ORDINAL, pa.int64())))
+    table = table.set_column(1, "prompt", prompts)
+    fn = Expand(TOY, job_seed=0, sampler={}, max_prompt_chars=50, duplicates={}, committed=NOTHING, extras={})
+    out = from_block(fn(table))
+    assert [(r.id, r.failure and r.failure.kind) for r in out] == [("a", None), ("b", "bad_text"), ("c", None)]
+    assert out[2].prompt == "also fine"
+
+
+def test_extras_are_carried_under_their_output_names():
+    out = expand([{"id": "a", "prompt": "p", "model": "forged", "shot": 3}], extras={"model": "extra_model", "shot": "shot"})
+    assert out[0].extras == {"extra_model": "forged", "shot": 3}

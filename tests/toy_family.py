@@ -1,59 +1,93 @@
-"""A trivial family for the runner's tests: real stages, no model weights.
+"""A trivial family for the runner's tests, and the smallest complete example of one:
+tasks with their inputs and parameters, two stages with real work, no model weights.
 
-`noise` draws a per-sample random image from the row's sample_seed (so the
-determinism and resume tests check real randomness), `shade` darkens it on a
-(declared) GPU actor and records where it ran. A prompt containing "explode"
-raises inside `shade`, to exercise row isolation.
+`noise` draws a per-sample random image from the sample's seed (so the determinism and
+resume tests check real randomness); `shade` scales it on a (declared) GPU actor and
+records which GPU it ran on. Prompt words trigger failures: "explode" raises inside `shade`
+for the whole batch (row isolation), "reject" makes `shade` return a RowError for that
+sample alone (unless the file `options.accept_if` exists), "flaky" fails with a transient
+error (storage-like) the first `options.flaky_failures` times the sample is tried:
+counted per process, or across processes and runs in files under `options.flaky_dir`.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import Field
 
-from pipeline.family import RowError, StageContext, StageSpec
+from pipeline.family import Demo, InputSpec, Params, StageContext, StageSpec, TaskSpec
+from pipeline.inputs import decode_image
+from pipeline.sample import Result, RowError
 
-DEFAULTS = {"t2i": {"size": 16, "gain": 1.0}, "edit": {"size": 16, "gain": 1.0}}
+CALLS: dict[str, int] = {}  # stage -> batches seen in this process (for tests that count work)
+_FLAKY_SEEN: dict[tuple[str, int], int] = {}
+
+
+class ToyParams(Params):
+    size: int = Field(default=16, gt=0, le=512)
+    gain: float = Field(default=1.0, gt=0)
 
 
 def _noise(ctx: StageContext):
-    def run(rows):
+    def run(samples):
+        CALLS["noise"] = CALLS.get("noise", 0) + 1
         out = []
-        for r in rows:
-            size = r["params"]["size"]
-            h, w = r["height"] or size, r["width"] or size
-            g = torch.Generator().manual_seed(r["sample_seed"])
+        for s in samples:
+            size = s.params.size
+            h, w = s.height or size, s.width or size
+            g = torch.Generator().manual_seed(s.sample_seed)
             img = torch.rand(h, w, 3, generator=g)
-            if r["task"] == "edit":
-                from pipeline.inputs import load_image
-
-                src = np.asarray(load_image(r["image"]).resize((w, h)), np.float32) / 255
+            if s.task == "edit":
+                src = np.asarray(decode_image(s.inputs["image"]).resize((w, h)), np.float32) / 255
                 img = 0.5 * img + 0.5 * torch.from_numpy(src)
-            out.append({"latent": img, "embeddings": {"mean_color": img.mean(dim=(0, 1)).numpy()}})
+            out.append(Result(state=img, embeddings={"mean_color": img.mean(dim=(0, 1)).numpy()}))
         return out
 
     return run
 
 
 def _shade(ctx: StageContext):
+    if ctx.options.get("fail_build") == "value":
+        raise ValueError("toy weights are malformed")  # raised inside a Ray actor: a job failure, not a user error
     if ctx.options.get("fail_build"):
         raise RuntimeError("toy weights are missing")  # a model that cannot load: the whole job fails
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     delay = float(ctx.options.get("sleep", 0))
+    flaky = int(ctx.options.get("flaky_failures", 0))
+    flaky_dir = ctx.options.get("flaky_dir")
+    accept_if = ctx.options.get("accept_if")
 
-    def run(rows):
+    def tried(key) -> int:
+        """How often this sample was tried before, and count this try."""
+        if flaky_dir is None:
+            _FLAKY_SEEN[key] = _FLAKY_SEEN.get(key, 0) + 1
+            return _FLAKY_SEEN[key] - 1
+        marker = Path(flaky_dir) / f"{key[0]}.{key[1]}"
+        n = int(marker.read_text()) if marker.exists() else 0
+        marker.write_text(str(n + 1))
+        return n
+
+    def run(samples):
+        CALLS["shade"] = CALLS.get("shade", 0) + 1
         if delay:
-            import time
-
-            time.sleep(delay * len(rows))
-        out = []
-        for r in rows:
-            if "explode" in (r["prompt"] or ""):
-                raise RuntimeError(f"boom on {r['id']}")
-            pixels = (r["latent"] * r["params"]["gain"]).clamp(0, 1).mul(255).to(torch.uint8).numpy()
-            out.append({"pixels": pixels, "latent": None, "extras": {**r["extras"], "gpu": visible}})
+            time.sleep(delay * len(samples))
+        out: list[Result | RowError] = []
+        for s in samples:
+            prompt = s.prompt or ""
+            if "explode" in prompt:
+                raise RuntimeError(f"boom on {s.id}")
+            if "flaky" in prompt and tried(s.key) < flaky:
+                raise ConnectionResetError(f"store dropped the connection for {s.id}")
+            if "reject" in prompt and not (accept_if and Path(accept_if).exists()):
+                out.append(RowError("rejected", f"{s.id} asked to be rejected"))
+                continue
+            pixels = (s.state * s.params.gain).clamp(0, 1).mul(255).to(torch.uint8).numpy()
+            out.append(Result(pixels=pixels, scores={"gpu_id": float(visible) if visible else -1.0}))
         return out
 
     return run
@@ -61,27 +95,28 @@ def _shade(ctx: StageContext):
 
 class ToyFamily:
     name = "toy"
-    tasks = frozenset({"t2i", "edit"})
+    tasks = {"t2i": TaskSpec(ToyParams), "edit": TaskSpec(ToyParams, inputs=(InputSpec("image"),))}
+    scores = {"gpu_id": "float"}  # the GPU Ray gave the shade actor (-1: none)
 
-    def stages(self, model_path):
-        return [StageSpec("noise", _noise, uses_gpu=False, default_batch_size=4),
-                StageSpec("shade", _shade, uses_gpu=True, default_batch_size=4)]
+    def stages(self, model):
+        return [StageSpec("noise", _noise, num_gpus=0, batch_size=4, reads_inputs=True),
+                StageSpec("shade", _shade, num_gpus=1, batch_size=4)]
 
-    def params_for(self, task, overrides):
-        params = dict(DEFAULTS[task])
-        for k, v in overrides.items():
-            if k not in params:
-                raise RowError("bad_params", f"unknown sampler parameter {k!r} for {task}")
-            if not isinstance(v, (int, float)) or v <= 0:
-                raise RowError("bad_params", f"{k} must be a positive number, got {v!r}")
-            params[k] = type(params[k])(v)
-        return params
+    def check_model(self, model):
+        pass  # no weights
 
-    def model_name(self, model_path):
+    def model_name(self, model):
         return "toy-v1"
 
-    def model_fingerprint(self, model_path):
+    def model_fingerprint(self, model):
         return "toy-v1"
+
+    def write_tiny(self, directory):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        return str(directory)
+
+    def demo(self):
+        return Demo(rows=[{"id": f"toy-{i}", "prompt": f"toy {i}", "num_samples": 1} for i in range(3)], settings=[])
 
 
 FAMILY = ToyFamily()

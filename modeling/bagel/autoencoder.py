@@ -27,7 +27,7 @@ class AutoEncoderParams:
         return 2 ** (len(self.ch_mult) - 1)
 
     @classmethod
-    def from_shapes(cls, shapes: dict[str, tuple[int, ...]], **factors) -> "AutoEncoderParams":
+    def from_shapes(cls, shapes: dict[str, tuple[int, ...]], **factors) -> AutoEncoderParams:
         """Read the architecture off a state dict's tensor shapes."""
         ch = shapes["encoder.conv_in.weight"][0]
         levels = sorted({int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.down\.(\d+)\.", k))})

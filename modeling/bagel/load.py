@@ -151,6 +151,12 @@ def load_ae(ckpt_dir: str | Path, device="cpu", dtype: torch.dtype = torch.float
     return ae.eval().requires_grad_(False)
 
 
+def encode_text(tok, text: str) -> list[int]:
+    """Ids of user text: a prompt that spells a special token ("<|im_start|>") gets the ids of
+    its characters, never the special id (no prompt can inject a turn or an image)."""
+    return tok.encode(text, split_special_tokens=True)
+
+
 def load_tokenizer(ckpt_dir: str | Path):
     """(tokenizer, SpecialTokens) from the checkpoint's Qwen2 tokenizer files."""
     from transformers import Qwen2Tokenizer

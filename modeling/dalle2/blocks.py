@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import LayerNorm, NullKVAttention, l2norm, sinusoidal_embedding
+from .layers import LayerNorm, NullKVAttention, l2norm
+
+if TYPE_CHECKING:  # unet.py imports these blocks
+    from .unet import UnetParams
 
 
 class Block(nn.Module):

@@ -39,8 +39,9 @@ class ClipEncoder(nn.Module):
         return self.model.config.projection_dim
 
     def tokenize(self, texts: list[str]) -> Tensor:
+        # split_special_tokens: a prompt that spells "<|endoftext|>" stays text and cannot end itself early
         out = self.tokenizer(list(texts), padding="max_length", max_length=self.context_length, truncation=True,
-                             return_tensors="pt")
+                             return_tensors="pt", split_special_tokens=True)
         return out["input_ids"]  # [B, 77]; truncation keeps the EOT token
 
     @torch.no_grad()

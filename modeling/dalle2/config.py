@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -16,9 +16,9 @@ class _Strict(BaseModel):
 class File(_Strict):
     load_type: Literal["local", "url"]
     path: str
-    checksum_file_path: Optional[str] = None
-    cache_dir: Optional[str] = None
-    filename_override: Optional[str] = None
+    checksum_file_path: str | None = None
+    cache_dir: str | None = None
+    filename_override: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -39,10 +39,10 @@ class File(_Strict):
 
 class SingleDecoderLoadConfig(_Strict):
     unet_numbers: list[int] = Field(min_length=1)
-    default_sample_timesteps: Optional[list[int]] = None
-    default_cond_scale: Optional[list[float]] = None
+    default_sample_timesteps: list[int] | None = None
+    default_cond_scale: list[float] | None = None
     load_model_from: File
-    load_config_from: Optional[File] = None
+    load_config_from: File | None = None
 
     @model_validator(mode="after")
     def _lengths(self):
@@ -80,16 +80,16 @@ class DecoderLoadConfig(_Strict):
 
 
 class PriorLoadConfig(_Strict):
-    default_sample_timesteps: Optional[int] = Field(default=None, gt=0)
-    default_cond_scale: Optional[float] = None
+    default_sample_timesteps: int | None = Field(default=None, gt=0)
+    default_cond_scale: float | None = None
     load_model_from: File
-    load_config_from: Optional[File] = None
+    load_config_from: File | None = None
 
 
 class ClipConfig(_Strict):
     make: str = "openai"
     model: str = "ViT-L/14"
-    base_model_kwargs: Optional[dict] = None
+    base_model_kwargs: dict | None = None
 
     @model_validator(mode="after")
     def _make(self):
@@ -99,15 +99,15 @@ class ClipConfig(_Strict):
 
 
 class ModelLoadConfig(_Strict):
-    decoder: Optional[DecoderLoadConfig] = None
-    prior: Optional[PriorLoadConfig] = None
-    clip: Optional[ClipConfig] = None
-    devices: Union[list[str], str] = "cuda:0"  # accepted; the runner places stages
+    decoder: DecoderLoadConfig | None = None
+    prior: PriorLoadConfig | None = None
+    clip: ClipConfig | None = None
+    devices: list[str] | str = "cuda:0"  # accepted; the runner places stages
     load_on_cpu: bool = True
     strict_loading: bool = True  # accepted; loading is always strict
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "ModelLoadConfig":
+    def from_json(cls, path: str | Path) -> ModelLoadConfig:
         try:
             data = json.loads(Path(path).read_text())
         except json.JSONDecodeError as e:

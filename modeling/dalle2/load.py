@@ -22,7 +22,7 @@ import torch
 
 from .checkpoint import checkpoint_version, config_section, read_checkpoint, split_checkpoint
 from .config import File, ModelLoadConfig
-from .decoder import Decoder, DecoderParams
+from .decoder import DecoderParams
 from .models import build_decoder, build_prior, decoder_from_unets, decoder_params_for
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class Stack:
     base_dir: Path
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "Stack":
+    def from_json(cls, path: str | Path) -> Stack:
         path = Path(path)
         return cls(ModelLoadConfig.from_json(path), path.parent)
 

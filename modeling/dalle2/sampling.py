@@ -7,7 +7,7 @@ sample's draws do not depend on what else is in the batch.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F

@@ -48,7 +48,7 @@ class Schedule:
     def num_timesteps(self) -> int:
         return self.betas.shape[0]
 
-    def to(self, device) -> "Schedule":
+    def to(self, device) -> Schedule:
         return Schedule(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 

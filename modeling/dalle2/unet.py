@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +49,6 @@ class UnetParams:
     downsample: str = "unshuffle"  # "unshuffle" (>= 1.10) or "conv" (Conv2d k4 s2, LAION releases)
     legacy_attention: bool = False  # self-attention as dalle2-pytorch < 1.4.3 (q.k / sqrt(d))
     legacy_linear_attention: bool = False  # linear attention as dalle2-pytorch < 1.4.0 (no v l2norm / 1/sqrt(n))
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         n = len(self.dim_mults)

@@ -2,7 +2,7 @@
 
 Tasks: t2i, edit, understand. Stages, in order (each builds only what it needs):
     prepare     CPU   decode + resize the input image, tokenise the prompt, fix the size
-    vae_encode  GPU   edit rows: input pixels -> clean latents (posterior sample, per-row seed)
+    vae_encode  GPU   edit rows: input pixels -> clean latents (posterior sample, per-sample seed)
     lmm         GPU   text decoding (understand, and the plan of think=true rows), then
                       contexts + batched CFG denoising (t2i/edit)
     vae_decode  GPU   latents -> pixels; option emit_latents=true adds embeddings["bagel_latent"] [C, H/8, W/8]
@@ -14,87 +14,83 @@ Stage options: vae_transform / vit_transform ([max, min, stride], prepare); emit
 reference app uses for the VAE); lmm: quantize (nf4 | int8, bitsandbytes on CUDA),
 attention (split | masked, see modeling/bagel/attn.py), compile (bool).
 Edit outputs take the input's resized size (row width/height are ignored); t2i sizes
-must be multiples of 16, <= 1024.
+must be multiples of 16, <= 1024. Sampler defaults are the reference's (modeling/bagel/sampling.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, StrictBool, model_validator
 
-from pipeline.family import BatchFn, Row, RowError, StageContext, StageSpec
+from modeling.bagel.sampling import EDIT_DEFAULTS, T2I_DEFAULTS, ImageParams
+from pipeline.demo_images import PROMPTS, demo_png
+from pipeline.family import Demo, InputSpec, ModelError, Params, StageContext, StageSpec, TaskSpec
+from pipeline.sample import Result, RowError, Sample
 
-IMAGE_DEFAULTS: dict[str, Any] = {
-    "cfg_text_scale": 4.0, "cfg_img_scale": 1.0, "cfg_interval": [0.4, 1.0], "cfg_renorm_type": "global",
-    "cfg_renorm_min": 0.0, "timestep_shift": 3.0, "num_timesteps": 50,
-}
-# think: reason (understand) or plan (t2i, edit) in text first, as the reference's think=True;
-# the text settings apply to that text
-TEXT_DEFAULTS: dict[str, Any] = {"think": False, "max_think_token_n": 1000, "do_sample": False, "text_temperature": 0.3}
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "t2i": {**IMAGE_DEFAULTS, "image_shapes": [1024, 1024], **TEXT_DEFAULTS},
-    "edit": {**IMAGE_DEFAULTS, "cfg_img_scale": 2.0, "cfg_interval": [0.0, 1.0], "cfg_renorm_type": "text_channel",
-             **TEXT_DEFAULTS},
-    "understand": TEXT_DEFAULTS,
-}
 VAE_SEED_SALT = 0x5EED_BA6E  # the VAE posterior draws from its own stream of the sample seed
-BIG_FIELDS = ("bagel_vae_pixels", "bagel_vit_patches", "bagel_vae_latent", "bagel_latent")
+Scale = Annotated[float, Field(strict=True, ge=0.0, le=100.0)]
+Unit = Annotated[float, Field(strict=True, ge=0.0, le=1.0)]
+Side = Annotated[int, Field(strict=True, ge=16, le=1024, multiple_of=16)]
+Renorm = Literal["global", "channel", "text_channel"]
 
 
-def _num(key: str, v: Any, lo: float, hi: float, integer: bool = False) -> float | int:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and float(v) != int(v)):
-        raise RowError("bad_params", f"{key} must be {'an integer' if integer else 'a number'}, got {v!r}")
-    if not lo <= v <= hi:
-        raise RowError("bad_params", f"{key} must be in [{lo}, {hi}], got {v!r}")
-    return int(v) if integer else float(v)
+class TextParams(Params):
+    """Text decoding. think: reason (understand) or plan (t2i, edit) in text first, as the
+    reference's think=True; these settings apply to that text."""
+
+    think: StrictBool = False
+    max_think_token_n: Annotated[int, Field(strict=True, ge=1, le=32768)] = 1000
+    do_sample: StrictBool = False
+    text_temperature: Annotated[float, Field(strict=True, ge=1e-4, le=100.0)] = 0.3
 
 
-def _check(task: str, key: str, v: Any) -> Any:
-    if key in ("cfg_text_scale", "cfg_img_scale"):
-        return _num(key, v, 0.0, 100.0)
-    if key == "cfg_interval":
-        if not isinstance(v, (list, tuple)) or len(v) != 2:
-            raise RowError("bad_params", f"cfg_interval must be [lo, hi], got {v!r}")
-        lo, hi = (_num(key, x, 0.0, 1.0) for x in v)
-        if lo > hi:
-            raise RowError("bad_params", f"cfg_interval lo > hi: {v!r}")
-        return [lo, hi]
-    if key == "cfg_renorm_type":
-        if v not in ("global", "channel", "text_channel"):
-            raise RowError("bad_params", f"cfg_renorm_type must be global|channel|text_channel, got {v!r}")
-        return v
-    if key == "cfg_renorm_min":
-        return _num(key, v, 0.0, 1.0)
-    if key == "timestep_shift":
-        return _num(key, v, 1e-3, 1000.0)
-    if key == "num_timesteps":
-        return _num(key, v, 2, 1000, integer=True)
-    if key == "image_shapes":
-        if not isinstance(v, (list, tuple)) or len(v) != 2:
-            raise RowError("bad_params", f"image_shapes must be [height, width], got {v!r}")
-        return [_size(key, x) for x in v]
-    if key == "max_think_token_n":
-        return _num(key, v, 1, 32768, integer=True)
-    if key in ("do_sample", "think"):
-        if not isinstance(v, bool):
-            raise RowError("bad_params", f"{key} must be true or false, got {v!r}")
-        return v
-    if key == "text_temperature":
-        return _num(key, v, 1e-4, 100.0)
-    raise AssertionError(key)
+class _ImageParams(TextParams):
+    cfg_text_scale: Scale = T2I_DEFAULTS.cfg_text_scale
+    cfg_img_scale: Scale = T2I_DEFAULTS.cfg_img_scale
+    cfg_interval: tuple[Unit, Unit] = T2I_DEFAULTS.cfg_interval
+    cfg_renorm_type: Renorm = T2I_DEFAULTS.cfg_renorm_type  # type: ignore[assignment]
+    cfg_renorm_min: Unit = T2I_DEFAULTS.cfg_renorm_min
+    timestep_shift: Annotated[float, Field(strict=True, ge=1e-3, le=1000.0)] = T2I_DEFAULTS.timestep_shift
+    num_timesteps: Annotated[int, Field(strict=True, ge=2, le=1000)] = T2I_DEFAULTS.num_timesteps
+
+    @model_validator(mode="after")
+    def _interval(self):
+        if self.cfg_interval[0] > self.cfg_interval[1]:
+            raise ValueError(f"cfg_interval lo > hi: {list(self.cfg_interval)}")
+        return self
+
+    def image(self) -> ImageParams:
+        return ImageParams(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ImageParams)})
 
 
-def _size(key: str, v: Any, stride: int = 16, limit: int = 1024) -> int:
-    v = _num(key, v, stride, limit, integer=True)
-    if v % stride:
-        raise RowError("bad_params", f"{key} must be a multiple of {stride}, got {v}")
-    return v
+class T2IParams(_ImageParams):
+    image_shapes: tuple[Side, Side] = (1024, 1024)  # [height, width] when the row gives none
+
+
+class EditParams(_ImageParams):
+    cfg_img_scale: Scale = EDIT_DEFAULTS.cfg_img_scale
+    cfg_interval: tuple[Unit, Unit] = EDIT_DEFAULTS.cfg_interval
+    cfg_renorm_type: Renorm = EDIT_DEFAULTS.cfg_renorm_type  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class BagelState:
+    prompt_ids: list[int]
+    size: tuple[int, int] | None = None  # (height, width) of the image to make
+    vae_pixels: np.ndarray | None = None  # edit: [3, H, W] in [-1, 1]
+    vit_patches: np.ndarray | None = None  # edit / understand: [n, 3 * 14 * 14]
+    vit_grid: tuple[int, int] | None = None
+    vae_latent: np.ndarray | None = None  # edit: clean latent [C, H/8, W/8]
+    latent: np.ndarray | None = None  # packed denoised latent
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -105,10 +101,21 @@ def _to_np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float32).numpy()
 
 
+def _tensor(a: np.ndarray | None) -> torch.Tensor | None:
+    return None if a is None else torch.from_numpy(np.asarray(a))
+
+
+def _side(name: str, v: int, stride: int, limit: int) -> int:
+    if not stride <= v <= limit or v % stride:
+        raise RowError("bad_params", f"{name} must be a multiple of {stride} in [{stride}, {limit}], got {v}")
+    return v
+
+
 # ---- stages ------------------------------------------------------------------------------
-def build_prepare(ctx: StageContext) -> BatchFn:
-    from modeling.bagel.load import bagel_params, load_tokenizer
+def build_prepare(ctx: StageContext):
+    from modeling.bagel.load import bagel_params, encode_text, load_tokenizer
     from modeling.bagel.transforms import VAE_RULE, VIT_RULE, ResizeRule, prepare_image
+    from pipeline.inputs import decode_image
 
     tok, _ = load_tokenizer(ctx.model_path)
     p = bagel_params(ctx.model_path)
@@ -116,45 +123,50 @@ def build_prepare(ctx: StageContext) -> BatchFn:
     vae_rule = ResizeRule(*ctx.options["vae_transform"]) if "vae_transform" in ctx.options else VAE_RULE
     vit_rule = ResizeRule(*ctx.options["vit_transform"]) if "vit_transform" in ctx.options else VIT_RULE
 
-    def prepare(row: Row) -> Row:
-        from pipeline.inputs import load_image
-
-        if row.get("negative_prompt"):
+    def prepare(s: Sample) -> Result:
+        if s.negative_prompt:
             raise RowError("bad_params", "bagel has no negative prompt (its CFG drops the prompt instead)")
-        out: Row = {"bagel_prompt_ids": tok.encode(row.get("prompt") or ""), "bagel_vae_pixels": None,
-                    "bagel_vit_patches": None, "bagel_vit_grid": None}
-        task = row["task"]
-        if task == "t2i":
-            h, w = row["params"].get("image_shapes", [1024, 1024])
-            h = _size("height", row["height"] if row.get("height") is not None else h, ds, limit)
-            w = _size("width", row["width"] if row.get("width") is not None else w, ds, limit)
-            out["bagel_size"] = [h, w]
-            return out
-        img = prepare_image(load_image(row.get("image")), vae_rule, vit_rule, vae=task == "edit")
-        out.update(bagel_vit_patches=_to_np(img.vit_patches), bagel_vit_grid=list(img.vit_grid))
-        if task == "edit":
-            out["bagel_vae_pixels"] = _to_np(img.vae_pixels)
-            out["bagel_size"] = list(img.vae_pixels.shape[-2:])
+        ids = encode_text(tok, s.prompt or "")
+        if s.task == "t2i":
+            h, w = s.params.image_shapes
+            size = (_side("height", s.height if s.height is not None else h, ds, limit),
+                    _side("width", s.width if s.width is not None else w, ds, limit))
+            return Result(BagelState(ids, size))
+        img = prepare_image(decode_image(s.inputs.get("image")), vae_rule, vit_rule, vae=s.task == "edit")
+        state = BagelState(ids, vit_patches=_to_np(img.vit_patches), vit_grid=(img.vit_grid[0], img.vit_grid[1]))
+        if s.task == "edit":
+            h, w = img.vae_pixels.shape[-2:]
+            state = dataclasses.replace(state, vae_pixels=_to_np(img.vae_pixels), size=(int(h), int(w)))
+        return Result(state)
+
+    def run(samples: list[Sample]) -> list[Result | RowError]:
+        out: list[Result | RowError] = []
+        for s in samples:
+            try:
+                out.append(prepare(s))
+            except RowError as e:
+                out.append(e)
         return out
 
-    return lambda rows: [prepare(r) for r in rows]
+    return run
 
 
-def _encode(ae, rows: list[Row]) -> list[Row]:
-    outs: list[Row] = [{} for _ in rows]
+def _encode(ae, samples: list[Sample]) -> list[Result | RowError]:
+    latents: dict[int, np.ndarray] = {}
     groups: dict[tuple, list[int]] = {}
-    for i, r in enumerate(rows):
-        if r["task"] == "edit" and r.get("bagel_vae_latent") is None:
-            groups.setdefault(tuple(r["bagel_vae_pixels"].shape), []).append(i)
+    for i, s in enumerate(samples):
+        if s.task == "edit":
+            groups.setdefault(tuple(s.state.vae_pixels.shape), []).append(i)
     dev = ae.encoder.conv_in.weight.device
     for idx in groups.values():
-        x = torch.stack([torch.from_numpy(np.asarray(rows[i]["bagel_vae_pixels"])) for i in idx]).to(dev)
-        gens = [torch.Generator().manual_seed((int(rows[i]["sample_seed"]) ^ VAE_SEED_SALT) & (2**63 - 1)) for i in idx]
+        x = torch.stack([torch.from_numpy(np.asarray(samples[i].state.vae_pixels)) for i in idx]).to(dev)
+        gens = [torch.Generator().manual_seed((int(samples[i].sample_seed) ^ VAE_SEED_SALT) & (2**63 - 1)) for i in idx]
         with torch.inference_mode():
             z = ae.encode(x, gens)
         for i, zi in zip(idx, z):
-            outs[i]["bagel_vae_latent"] = _to_np(zi)
-    return outs
+            latents[i] = _to_np(zi)
+    return [Result(dataclasses.replace(s.state, vae_pixels=None, vae_latent=latents[i]) if i in latents else s.state)
+            for i, s in enumerate(samples)]
 
 
 def decode_text(tok, special, ids: list[int]) -> str:
@@ -164,60 +176,59 @@ def decode_text(tok, special, ids: list[int]) -> str:
     return tok.decode(ids)
 
 
-def _lmm(model, tok, special, system: dict[str, list[int]], rows: list[Row], attention: str = "split") -> list[Row]:
-    """Text first (understand rows, and the plans of thinking t2i/edit rows), then every image
-    row's denoising together. system: the thinking prompts' ids, "understand" and "image"."""
+def _lmm(model, tok, special, system: dict[str, list[int]], samples: list[Sample], attention: str = "split") -> list[Result | RowError]:
+    """Text first (understand samples, and the plans of thinking t2i/edit samples), then every
+    image's denoising together. system: the thinking prompts' ids, "understand" and "image"."""
     from modeling.bagel import sampling as S
 
-    outs: list[Row] = [{} for _ in rows]
+    texts: dict[int, str] = {}
     inputs, txt = [], []
-    for i, r in enumerate(rows):
-        p = r["params"]
-        vit = r.get("bagel_vit_patches")
-        vit = torch.from_numpy(np.asarray(vit)) if vit is not None else None
-        grid = tuple(r["bagel_vit_grid"]) if r.get("bagel_vit_grid") is not None else None
-        lat = torch.from_numpy(np.asarray(r["bagel_vae_latent"])) if r["task"] == "edit" else None
-        sys_ids = system["understand" if r["task"] == "understand" else "image"] if p["think"] else None
-        inputs.append((vit, grid, lat, sys_ids))
-        if r["task"] == "understand" or p["think"]:
-            g = torch.Generator().manual_seed(int(r["sample_seed"]))
-            txt.append((i, S.TextRow(r["bagel_prompt_ids"], vit, grid, int(p["max_think_token_n"]) - 1,
-                                     bool(p["do_sample"]), float(p["text_temperature"]), g, sys_ids, lat)))
+    for i, s in enumerate(samples):
+        p, st = s.params, s.state
+        vit, lat = _tensor(st.vit_patches), _tensor(st.vae_latent)
+        sys_ids = system["understand" if s.task == "understand" else "image"] if p.think else None
+        inputs.append((vit, st.vit_grid, lat, sys_ids))
+        if s.task == "understand" or p.think:
+            g = torch.Generator().manual_seed(int(s.sample_seed))
+            txt.append((i, S.TextRow(st.prompt_ids, vit, st.vit_grid, int(p.max_think_token_n) - 1,
+                                     bool(p.do_sample), float(p.text_temperature), g, sys_ids, lat)))
     if txt:
         for (i, _), ids in zip(txt, S.generate_text(model, [row for _, row in txt], special)):
-            outs[i]["text"] = decode_text(tok, special, ids)
+            texts[i] = decode_text(tok, special, ids)
     img = []
-    for i, (r, (vit, grid, lat, sys_ids)) in enumerate(zip(rows, inputs)):
-        if r["task"] == "understand":
+    for i, (s, (vit, grid, lat, sys_ids)) in enumerate(zip(samples, inputs)):
+        if s.task == "understand":
             continue
-        p, (h, w) = r["params"], r["bagel_size"]
-        ip = S.ImageParams(**{k: (tuple(v) if k == "cfg_interval" else v) for k, v in p.items() if k in IMAGE_DEFAULTS})
-        noise = S.get_noise(model, h, w, torch.Generator().manual_seed(int(r["sample_seed"])))
-        plan = tok.encode(outs[i]["text"]) if p["think"] else None  # the reference re-tokenises its decoded plan
-        img.append((i, S.ImageRow(r["bagel_prompt_ids"], h, w, noise, ip, lat, vit, grid, sys_ids, plan)))
+        (h, w) = s.state.size
+        noise = S.get_noise(model, h, w, torch.Generator().manual_seed(int(s.sample_seed)))
+        plan = tok.encode(texts[i]) if s.params.think else None  # the reference re-tokenises its decoded plan
+        img.append((i, S.ImageRow(s.state.prompt_ids, h, w, noise, s.params.image(), lat, vit, grid, sys_ids, plan)))
+    latents: dict[int, np.ndarray] = {}
     if img:
         for (i, _), x in zip(img, S.denoise(model, [row for _, row in img], special, attention=attention)):
-            outs[i]["bagel_latent"] = _to_np(x)
-    return outs
+            latents[i] = _to_np(x)
+    out: list[Result | RowError] = []
+    for i, s in enumerate(samples):
+        state = BagelState(s.state.prompt_ids, s.state.size, latent=latents.get(i))  # inputs are not needed further
+        out.append(Result(state if i in latents else None, text=texts.get(i)))
+    return out
 
 
-def _decode(ae, model_params, rows: list[Row], emit: bool) -> list[Row]:
+def _decode(ae, model_params, samples: list[Sample], emit: bool) -> list[Result | RowError]:
     from modeling.bagel.sampling import decode_to_uint8
     from modeling.bagel.transforms import unpatchify
 
-    outs: list[Row] = []
-    for r in rows:
-        out: Row = {k: None for k in BIG_FIELDS if k != "bagel_latent"}
-        if r["task"] != "understand":
-            h, w = r["bagel_size"]
-            ds = model_params.latent_downsample
-            latent = unpatchify(torch.from_numpy(np.asarray(r["bagel_latent"])), h // ds, w // ds, model_params.latent_patch_size)
-            out["pixels"] = decode_to_uint8(ae, latent).numpy()
-            if emit:
-                out["embeddings"] = {"bagel_latent": latent.numpy().astype(np.float32)}  # [C, H/8, W/8]
-        out["bagel_latent"] = None
-        outs.append(out)
-    return outs
+    out: list[Result | RowError] = []
+    for s in samples:
+        if s.task == "understand":
+            out.append(Result())
+            continue
+        h, w = s.state.size
+        ds = model_params.latent_downsample
+        latent = unpatchify(torch.from_numpy(np.asarray(s.state.latent)), h // ds, w // ds, model_params.latent_patch_size)
+        emb = {"bagel_latent": latent.numpy().astype(np.float32)} if emit else None  # [C, H/8, W/8]
+        out.append(Result(pixels=decode_to_uint8(ae, latent).numpy(), embeddings=emb))
+    return out
 
 
 @functools.lru_cache(maxsize=2)
@@ -232,12 +243,12 @@ def _load_ae(ctx: StageContext):
     return _ae(ctx.model_path, ctx.device, ctx.options.get("vae_dtype", ctx.dtype))
 
 
-def build_vae_encode(ctx: StageContext) -> BatchFn:
+def build_vae_encode(ctx: StageContext):
     ae = _load_ae(ctx)
-    return lambda rows: _encode(ae, rows)
+    return lambda samples: _encode(ae, samples)
 
 
-def build_lmm(ctx: StageContext) -> BatchFn:
+def build_lmm(ctx: StageContext):
     from modeling.bagel.load import load_bagel, load_tokenizer
     from modeling.bagel.quant import check_quantize, quantize_llm
     from modeling.bagel.sampling import THINK_GENERATE_PROMPT, THINK_UNDERSTAND_PROMPT
@@ -248,51 +259,74 @@ def build_lmm(ctx: StageContext) -> BatchFn:
     if attn not in ("split", "masked"):
         raise ValueError(f"lmm option attention must be split or masked, got {attn!r}")
     tok, special = load_tokenizer(ctx.model_path)
-    model = load_bagel(ctx.model_path, "cpu" if quant else ctx.device, _dtype(ctx.dtype))
+    model: Any = load_bagel(ctx.model_path, "cpu" if quant else ctx.device, _dtype(ctx.dtype))
     if quant:
         model = quantize_llm(model, quant, ctx.device)
     if ctx.options.get("compile"):
         model.compile_blocks()
     system = {"understand": tok.encode(THINK_UNDERSTAND_PROMPT), "image": tok.encode(THINK_GENERATE_PROMPT)}
-    return lambda rows: _lmm(model, tok, special, system, rows, attn)
+    return lambda samples: _lmm(model, tok, special, system, samples, attn)
 
 
-def build_vae_decode(ctx: StageContext) -> BatchFn:
+def build_vae_decode(ctx: StageContext):
     from modeling.bagel.load import bagel_params
 
     ae, p = _load_ae(ctx), bagel_params(ctx.model_path)
     emit = bool(ctx.options.get("emit_latents", False))
-    return lambda rows: _decode(ae, p, rows, emit)
+    return lambda samples: _decode(ae, p, samples, emit)
 
 
-PREPARE = StageSpec("prepare", build_prepare, uses_gpu=False, default_batch_size=8)
-VAE_ENCODE = StageSpec("vae_encode", build_vae_encode, default_batch_size=4)
-LMM = StageSpec("lmm", build_lmm, default_batch_size=4)
-VAE_DECODE = StageSpec("vae_decode", build_vae_decode, default_batch_size=4)
+STAGES = [
+    StageSpec("prepare", build_prepare, num_gpus=0, batch_size=8, reads_inputs=True),
+    StageSpec("vae_encode", build_vae_encode, batch_size=4),
+    StageSpec("lmm", build_lmm, batch_size=4),
+    StageSpec("vae_decode", build_vae_decode, batch_size=4),
+]
+IMAGE = InputSpec("image")
+DEMO_SETTINGS = ["sampler.t2i.num_timesteps=8", "sampler.edit.num_timesteps=8", "sampler.understand.max_think_token_n=12",
+                 "stages.prepare.options.vae_transform=[128,64,16]", "stages.prepare.options.vit_transform=[112,28,14]"]
+
+
+def check_layout(model: str) -> None:
+    """The released layout's files, present and parseable; no weights read."""
+    d = Path(model)
+    if not d.is_dir():
+        raise ModelError(f"bagel model {model}: not a directory (a BAGEL-7B-MoT checkpoint directory)")
+    for name in ("llm_config.json", "vit_config.json"):
+        try:
+            json.loads((d / name).read_text())
+        except FileNotFoundError:
+            raise ModelError(f"bagel model {model}: missing {name}") from None
+        except (OSError, ValueError) as e:
+            raise ModelError(f"bagel model {model}: {name} is not valid JSON ({e})") from None
+    if not any((d / n).is_file() for n in ("ema.safetensors", "model.safetensors")):
+        raise ModelError(f"bagel model {model}: missing ema.safetensors (or model.safetensors)")
+    if not (d / "ae.safetensors").is_file():
+        raise ModelError(f"bagel model {model}: missing ae.safetensors")
+    if not ((d / "tokenizer.json").is_file() or ((d / "vocab.json").is_file() and (d / "merges.txt").is_file())):
+        raise ModelError(f"bagel model {model}: missing tokenizer.json (or vocab.json + merges.txt)")
 
 
 class BagelFamily:
     name = "bagel"
-    tasks = frozenset({"t2i", "edit", "understand"})
+    tasks = {
+        "t2i": TaskSpec(T2IParams),
+        "edit": TaskSpec(EditParams, inputs=(IMAGE,)),
+        "understand": TaskSpec(TextParams, inputs=(IMAGE,)),
+    }
+    scores: dict[str, str] = {}
 
-    def stages(self, model_path: str | None = None) -> list[StageSpec]:
-        return [PREPARE, VAE_ENCODE, LMM, VAE_DECODE]
+    def stages(self, model: str) -> list[StageSpec]:
+        return STAGES
 
-    def params_for(self, task: str, overrides: dict[str, Any]) -> dict[str, Any]:
-        if task not in DEFAULTS:
-            raise RowError("bad_params", f"bagel serves {sorted(DEFAULTS)}, not {task!r}")
-        out = json.loads(json.dumps(DEFAULTS[task]))
-        for k, v in (overrides or {}).items():
-            if k not in out:
-                raise RowError("bad_params", f"unknown {task} parameter {k!r} (known: {sorted(out)})")
-            out[k] = _check(task, k, v)
-        return out
+    def check_model(self, model: str) -> None:
+        check_layout(model)
 
-    def model_name(self, model_path: str) -> str:
-        return "bagel:" + (Path(model_path).name or "model")
+    def model_name(self, model: str) -> str:
+        return "bagel:" + (Path(model).name or "model")
 
-    def model_fingerprint(self, model_path: str) -> str:
-        d, h = Path(model_path), hashlib.sha256()
+    def model_fingerprint(self, model: str) -> str:
+        d, h = Path(model), hashlib.sha256()
         for f in sorted(d.iterdir()) if d.is_dir() else [d]:
             if not f.is_file():
                 continue
@@ -300,6 +334,19 @@ class BagelFamily:
             if f.suffix in (".json", ".txt") and f.stat().st_size < 64 << 20:
                 h.update(f.read_bytes())
         return h.hexdigest()[:16]
+
+    def write_tiny(self, directory: str) -> str:
+        from modeling.bagel.tiny import write_tiny
+
+        return str(write_tiny(directory))
+
+    def demo(self) -> Demo:
+        rows: list[dict[str, Any]] = [{"id": f"t2i-{i}", "task": "t2i", "prompt": p, "num_samples": 2 if i == 0 else 1,
+                                       "width": 64, "height": 64} for i, p in enumerate(PROMPTS)]
+        rows.append({"id": "edit-0", "task": "edit", "prompt": "make it blue", "image": demo_png(1)})
+        rows.append({"id": "understand-0", "task": "understand", "prompt": "what is in the picture?", "image": demo_png(2)})
+        rows.append({"id": "bad-0", "task": "t2i", "prompt": "   "})  # shows where bad rows go
+        return Demo(rows, DEMO_SETTINGS)
 
 
 FAMILY = BagelFamily()

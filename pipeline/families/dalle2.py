@@ -3,69 +3,64 @@
 The model path is a dalle2-laion model config JSON. Tasks: t2i, variation (CLIP image
 embedding -> decoder), edit (text-guided RePaint inpainting; mask white = repaint).
 Stages, in order (the model stages each able to sit on its own GPU actor):
-    prepare      CPU: row checks, input image / mask decoding and resizing
+    prepare      CPU: input image / mask decoding and resizing
     prior        CLIP text (+ image) encoding, prior sampling with reranking
     decoder      unet 1
     upsamplerK   unet K (K = 2..N, read from the config)
 Params left at None take the model config's defaults (default_sample_timesteps,
-default_cond_scale), then the checkpoint config's, then 64 steps / scale 1.
+default_cond_scale), then the checkpoint config's; steps with none of them run the full
+schedule and scales default to 1, as in the reference (modeling/dalle2/sampling.py).
 Stage options (decoder / upsampler stages): channels_last, compile (torch.compile the unet).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
+from pydantic import Field, ValidationError
 
-from pipeline.family import BatchFn, Row, RowError, StageContext, StageSpec
+from pipeline.demo_images import PROMPTS, demo_png
+from pipeline.family import Demo, InputSpec, ModelError, Params, StageContext, StageSpec, TaskSpec
+from pipeline.sample import Result, RowError, Sample
 
-COMMON = {"decoder_steps": None, "decoder_cond_scale": None, "decoder_eta": 0.0, "lowres_noise_level": None}
-PRIOR = {"prior_steps": None, "prior_cond_scale": None, "prior_eta": 1.0, "num_samples_per_batch": 2}
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "t2i": {**PRIOR, **COMMON},
-    "variation": dict(COMMON),
-    "edit": {**PRIOR, **COMMON, "inpaint_resample_times": 5},
-}
-FALLBACK_STEPS = 64
-BIG_FIELDS = ("dalle2_source", "dalle2_text_encodings", "dalle2_image_embed", "dalle2_image", "dalle2_inpaint_image",
-              "dalle2_inpaint_mask")
+Steps = Annotated[int, Field(strict=True, ge=1, le=10000)]
+Scale = Annotated[float, Field(strict=True, ge=0.0, le=100.0)]
+Eta = Annotated[float, Field(strict=True, ge=0.0, le=10.0)]
 
 
-def _num(key: str, v: Any, lo: float, hi: float, integer: bool = False):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and float(v) != int(v)):
-        raise RowError("bad_params", f"{key} must be {'an integer' if integer else 'a number'}, got {v!r}")
-    if not lo <= v <= hi:
-        raise RowError("bad_params", f"{key} must be in [{lo}, {hi}], got {v!r}")
-    return int(v) if integer else float(v)
+class VariationParams(Params):
+    decoder_steps: Steps | list[Steps | None] | None = None  # one value, or one per unet
+    decoder_cond_scale: Scale | list[Scale | None] | None = None
+    decoder_eta: Eta = 0.0
+    lowres_noise_level: Annotated[float, Field(strict=True, ge=0.0, le=0.999)] | None = None
 
 
-def _one_or_list(key: str, v: Any, lo: float, hi: float, integer: bool = False):
-    if v is None:
-        return None
-    if isinstance(v, (list, tuple)):
-        if not v:
-            raise RowError("bad_params", f"{key} must not be an empty list")
-        return [None if x is None else _num(key, x, lo, hi, integer) for x in v]
-    return _num(key, v, lo, hi, integer)
+class T2IParams(VariationParams):
+    prior_steps: Steps | None = None
+    prior_cond_scale: Scale | None = None
+    prior_eta: Eta = 1.0
+    num_samples_per_batch: Annotated[int, Field(strict=True, ge=1, le=64)] = 2  # prior candidates, reranked by CLIP
 
 
-def _check(key: str, v: Any) -> Any:
-    if key == "decoder_steps":
-        return _one_or_list(key, v, 1, 10000, integer=True)
-    if key == "decoder_cond_scale":
-        return _one_or_list(key, v, 0.0, 100.0)
-    if v is None and key in ("prior_steps", "prior_cond_scale", "lowres_noise_level"):
-        return None
-    limits = {"prior_steps": (1, 10000, True), "prior_cond_scale": (0.0, 100.0, False), "prior_eta": (0.0, 10.0, False),
-              "decoder_eta": (0.0, 10.0, False), "num_samples_per_batch": (1, 64, True),
-              "lowres_noise_level": (0.0, 0.999, False), "inpaint_resample_times": (1, 100, True)}
-    lo, hi, integer = limits[key]
-    return _num(key, v, lo, hi, integer)
+class EditParams(T2IParams):
+    inpaint_resample_times: Annotated[int, Field(strict=True, ge=1, le=100)] = 5
+
+
+@dataclass(frozen=True)
+class Dalle2State:
+    source: Any = None  # variation: the decoded input image (PIL), for CLIP
+    inpaint_image: np.ndarray | None = None  # edit: uint8 [S, S, 3]
+    inpaint_mask: np.ndarray | None = None  # edit: bool [S, S], True = keep
+    text_encodings: np.ndarray | None = None
+    image_embed: np.ndarray | None = None
+    image: np.ndarray | None = None  # the previous unet's output
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -84,7 +79,7 @@ def _generator(sample_seed: int, salt: str) -> torch.Generator:
 
 
 def _groups(indices, key) -> dict[Any, list[int]]:
-    """Indices grouped by key(index), in order: rows sharing sampler settings run as one batch."""
+    """Indices grouped by key(index), in order: samples sharing sampler settings run as one batch."""
     out: dict[Any, list[int]] = {}
     for i in indices:
         out.setdefault(key(i), []).append(i)
@@ -105,85 +100,98 @@ def _square(img, size: int, resample):
     w, h = img.size
     s = min(w, h)
     img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    return img.resize((size, size), resample if s != size else Image.NEAREST)
+    return img.resize((size, size), resample if s != size else Image.Resampling.NEAREST)
+
+
+def _isolated(fn, samples: list[Sample]) -> list[Result | RowError]:
+    out: list[Result | RowError] = []
+    for s in samples:
+        try:
+            out.append(fn(s))
+        except RowError as e:
+            out.append(e)
+    return out
 
 
 # ---- stages ------------------------------------------------------------------------------
-def build_prepare(ctx: StageContext) -> BatchFn:
-    """CPU: row checks, input image / mask decoding and resizing, outside the GPU actors."""
+def build_prepare(ctx: StageContext):
+    """CPU: input image / mask decoding and resizing, outside the GPU actors."""
     from PIL import Image
 
     from modeling.dalle2.load import Stack
-    from pipeline.inputs import load_image
+    from pipeline.inputs import decode_image
 
     final = Stack.from_json(ctx.model_path).decoder_params().image_sizes[-1]
 
-    def run(rows: list[Row]) -> list[Row]:
-        outs: list[Row] = []
-        for r in rows:
-            if r.get("negative_prompt"):
-                raise RowError("bad_params", "dalle2 does not support negative_prompt")
-            for k in ("width", "height"):
-                if r.get(k) not in (None, final):
-                    raise RowError("bad_params", f"dalle2 makes {final}x{final} images; {k}={r[k]}")
-            out: Row = {}
-            if r["task"] == "variation":
-                out["dalle2_source"] = load_image(r.get("image"))
-            if r["task"] == "edit":
-                img = _square(load_image(r.get("image")), final, Image.BICUBIC)
-                mask = _square(load_image(r.get("mask"), mode="L"), final, Image.NEAREST)
-                out["dalle2_inpaint_image"] = np.asarray(img, dtype=np.uint8)
-                out["dalle2_inpaint_mask"] = np.asarray(mask) < 128  # True = keep (not painted)
-            outs.append(out)
-        return outs
+    def prepare(s: Sample) -> Result:
+        if s.negative_prompt:
+            raise RowError("bad_params", "dalle2 does not support negative_prompt")
+        for side in ("width", "height"):
+            if getattr(s, side) not in (None, final):
+                raise RowError("bad_params", f"dalle2 makes {final}x{final} images; {side}={getattr(s, side)}")
+        if s.task == "variation":
+            return Result(Dalle2State(source=decode_image(s.inputs.get("image"))))
+        if s.task == "edit":
+            image, mask = decode_image(s.inputs.get("image")), decode_image(s.inputs.get("mask"), mode="L")
+            if mask.size != image.size:
+                raise RowError("bad_mask", f"mask is {mask.size[0]}x{mask.size[1]}, the image {image.size[0]}x{image.size[1]}: "
+                               "they must be the same size")
+            img, mask = _square(image, final, Image.Resampling.BICUBIC), _square(mask, final, Image.Resampling.NEAREST)
+            return Result(Dalle2State(inpaint_image=np.asarray(img, dtype=np.uint8),
+                                      inpaint_mask=np.asarray(mask) < 128))  # True = keep (not painted)
+        return Result(Dalle2State())
 
-    return run
+    return lambda samples: _isolated(prepare, samples)
 
 
-def build_prior(ctx: StageContext) -> BatchFn:
+def build_prior(ctx: StageContext):
     from modeling.dalle2.load import Stack
     from modeling.dalle2.sampling import per_sample_noise, sample_prior
 
     _setup(ctx)
     stack, device, dtype = Stack.from_json(ctx.model_path), ctx.device, _dtype(ctx.dtype)
     clip = stack.clip(dtype=dtype, device=device)
-    prior = stack.prior(dtype=dtype, device=device) if stack.config.prior else None
+    prior: Any = stack.prior(dtype=dtype, device=device) if stack.config.prior else None
     default_scale = stack.default_cond_scales()[0]
 
     @torch.no_grad()
-    def run(rows: list[Row]) -> list[Row]:
-        ids = clip.tokenize([r.get("prompt") or "" for r in rows])
+    def run(samples: list[Sample]) -> list[Result | RowError]:
+        ids = clip.tokenize([s.prompt or "" for s in samples])
         text_embed, text_enc = clip.embed_text(ids)
         image_embed = torch.zeros_like(text_embed)
-        outs: list[Row] = [{} for _ in rows]
-        var = [i for i, r in enumerate(rows) if r["task"] == "variation"]
+        failed: dict[int, RowError] = {}
+        var = [i for i, s in enumerate(samples) if s.task == "variation"]
         if var:
-            image_embed[var] = clip.embed_image(clip.preprocess([rows[i]["dalle2_source"] for i in var]).to(device))
-        gen = [i for i, r in enumerate(rows) if r["task"] in ("t2i", "edit")]
+            image_embed[var] = clip.embed_image(clip.preprocess([samples[i].state.source for i in var]).to(device))
+        gen = [i for i, s in enumerate(samples) if s.task in ("t2i", "edit")]
         if gen and prior is None:
-            raise RowError("bad_params", "this model config has no prior: only variation rows can run")
-        key = lambda i: tuple(rows[i]["params"].get(k) for k in PRIOR)
+            failed.update({i: RowError("bad_params", "this model config has no prior: only variation rows can run") for i in gen})
+            gen = []
+        key = lambda i: (samples[i].params.prior_steps, samples[i].params.prior_cond_scale, samples[i].params.prior_eta,  # noqa: E731
+                         samples[i].params.num_samples_per_batch)
         for (steps, scale, eta, n), idx in _groups(gen, key).items():
-            noise = per_sample_noise([_generator(rows[i]["sample_seed"], "prior") for i in idx], device)
+            noise = per_sample_noise([_generator(samples[i].sample_seed, "prior") for i in idx], device)
             scale = scale if scale is not None else default_scale if default_scale is not None else 1.0
             try:
-                image_embed[idx] = sample_prior(prior, text_embed[idx], text_enc[idx], noise,
-                                                steps=steps or prior.params.sample_timesteps or FALLBACK_STEPS,
+                image_embed[idx] = sample_prior(prior, text_embed[idx], text_enc[idx], noise, steps=steps,
                                                 cond_scale=scale, eta=eta, num_samples_per_batch=n)
             except ValueError as e:
-                raise RowError("bad_params", str(e)) from None
-        for i in range(len(rows)):
-            outs[i]["dalle2_source"] = None  # decoded input: not needed past CLIP
+                failed.update({i: RowError("bad_params", str(e)) for i in idx})
+        out: list[Result | RowError] = []
+        for i, s in enumerate(samples):
+            if i in failed:
+                out.append(failed[i])
+                continue
             te, ie = text_embed[i].float().cpu().numpy(), image_embed[i].float().cpu().numpy()
-            outs[i].update(dalle2_text_encodings=text_enc[i].float().cpu().numpy(), dalle2_image_embed=ie,
-                           embeddings={"text_embed": te, "image_embed": ie})
-        return outs
+            state = dataclasses.replace(s.state, source=None, text_encodings=text_enc[i].float().cpu().numpy(), image_embed=ie)
+            out.append(Result(state, embeddings={"text_embed": te, "image_embed": ie}))
+        return out
 
     return run
 
 
 def build_unet_stage(number: int):
-    def build(ctx: StageContext) -> BatchFn:
+    def build(ctx: StageContext):
         from modeling.dalle2.load import Stack
         from modeling.dalle2.sampling import per_sample_noise, sample_unet
 
@@ -200,82 +208,117 @@ def build_unet_stage(number: int):
         default_scale = stack.default_cond_scales()[1][i]
         last = number == n
 
-        def settings(r: Row):
-            q = r["params"]
-            steps = _per_unet(q.get("decoder_steps"), n, i, "decoder_steps") or p.sample_timesteps[i] or FALLBACK_STEPS
-            scale = _per_unet(q.get("decoder_cond_scale"), n, i, "decoder_cond_scale")
+        def settings(s: Sample):
+            q = s.params
+            scale = _per_unet(q.decoder_cond_scale, n, i, "decoder_cond_scale")
             scale = scale if scale is not None else default_scale if default_scale is not None else 1.0
-            return (steps, scale, q.get("decoder_eta", 0.0), q.get("lowres_noise_level"),
-                    r["task"] == "edit", q.get("inpaint_resample_times", 5))
+            return (_per_unet(q.decoder_steps, n, i, "decoder_steps"), scale, q.decoder_eta, q.lowres_noise_level,
+                    s.task == "edit", getattr(q, "inpaint_resample_times", 5))
 
         @torch.no_grad()
-        def run(rows: list[Row]) -> list[Row]:
-            outs: list[Row] = [{} for _ in rows]
-            keys = [settings(r) for r in rows]
-            for (steps, scale, eta, level, edit, resample), idx in _groups(range(len(rows)), keys.__getitem__).items():
-                t = lambda k: torch.from_numpy(np.stack([np.asarray(rows[j][k]) for j in idx])).to(device)
+        def run(samples: list[Sample]) -> list[Result | RowError]:
+            out: list[Result | RowError | None] = [None] * len(samples)
+            keys: dict[int, tuple] = {}
+            for j, s in enumerate(samples):
+                try:
+                    keys[j] = settings(s)
+                except RowError as e:
+                    out[j] = e
+            for (steps, scale, eta, level, edit, resample), idx in _groups(list(keys), keys.__getitem__).items():
+                t = lambda k: torch.from_numpy(np.stack([np.asarray(getattr(samples[j].state, k)) for j in idx])).to(device)  # noqa: E731
                 kw = {}
                 if edit:
-                    kw = dict(inpaint_image=t("dalle2_inpaint_image").permute(0, 3, 1, 2).float() / 255,
-                              inpaint_mask=t("dalle2_inpaint_mask").bool(), inpaint_resample_times=resample)
-                noise = per_sample_noise([_generator(rows[j]["sample_seed"], f"unet{number}") for j in idx], device)
+                    kw = dict(inpaint_image=t("inpaint_image").permute(0, 3, 1, 2).float() / 255,
+                              inpaint_mask=t("inpaint_mask").bool(), inpaint_resample_times=resample)
+                noise = per_sample_noise([_generator(samples[j].sample_seed, f"unet{number}") for j in idx], device)
                 try:
-                    img = sample_unet(unet, p, number, t("dalle2_image_embed").float(), t("dalle2_text_encodings").float(),
-                                      noise, prev_image=t("dalle2_image").float() if number > 1 else None,
+                    img = sample_unet(unet, p, number, t("image_embed").float(), t("text_encodings").float(),
+                                      noise, prev_image=t("image").float() if number > 1 else None,
                                       steps=steps, cond_scale=scale, eta=eta, lowres_noise_level=level, **kw)
                 except ValueError as e:
-                    raise RowError("bad_params", str(e)) from None
+                    for j in idx:
+                        out[j] = RowError("bad_params", str(e))
+                    continue
                 for j, x in zip(idx, img.float().cpu()):
                     if last:
-                        pixels = (x.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy()
-                        outs[j].update({k: None for k in BIG_FIELDS}, pixels=pixels)
+                        out[j] = Result(pixels=(x.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy())
                     else:
-                        outs[j]["dalle2_image"] = x.numpy()
-            return outs
+                        out[j] = Result(dataclasses.replace(samples[j].state, image=x.numpy()))
+            return [r for r in out if r is not None]
 
         return run
 
     return build
 
 
-PREPARE_STAGE = StageSpec("prepare", build_prepare, uses_gpu=False, default_batch_size=16)
-PRIOR_STAGE = StageSpec("prior", build_prior, default_batch_size=16)
-
-
 def unet_stage(number: int) -> StageSpec:
-    return StageSpec("decoder" if number == 1 else f"upsampler{number}", build_unet_stage(number), default_batch_size=16)
+    return StageSpec("decoder" if number == 1 else f"upsampler{number}", build_unet_stage(number), batch_size=16)
+
+
+DEMO_SETTINGS = ["sampler.t2i.prior_steps=8", "sampler.t2i.decoder_steps=8", "sampler.variation.decoder_steps=8",
+                 "sampler.edit.prior_steps=8", "sampler.edit.decoder_steps=8", "sampler.edit.inpaint_resample_times=2"]
+
+
+def _local_files(node: Any):
+    if isinstance(node, dict):
+        if node.get("load_type") == "local" and isinstance(node.get("path"), str):
+            yield node["path"]
+        for v in node.values():
+            yield from _local_files(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _local_files(v)
 
 
 class Dalle2Family:
     name = "dalle2"
-    tasks = frozenset(DEFAULTS)
+    tasks = {
+        "t2i": TaskSpec(T2IParams),
+        "variation": TaskSpec(VariationParams, needs_prompt=False, inputs=(InputSpec("image"),)),
+        "edit": TaskSpec(EditParams, inputs=(InputSpec("image"), InputSpec("mask"))),
+    }
+    scores: dict[str, str] = {}
 
-    def stages(self, model_path: str) -> list[StageSpec]:
+    def stages(self, model: str) -> list[StageSpec]:
         from modeling.dalle2.config import ModelLoadConfig
 
-        cfg = ModelLoadConfig.from_json(model_path)
+        cfg = ModelLoadConfig.from_json(model)
         if cfg.decoder is None:
-            raise ValueError(f"{model_path}: the model config has no decoder")
-        return [PREPARE_STAGE, PRIOR_STAGE, *(unet_stage(k) for k in range(1, cfg.decoder.num_unets + 1))]
+            raise ValueError(f"{model}: the model config has no decoder")
+        return [StageSpec("prepare", build_prepare, num_gpus=0, batch_size=16, reads_inputs=True),
+                StageSpec("prior", build_prior, batch_size=16),
+                *(unet_stage(k) for k in range(1, cfg.decoder.num_unets + 1))]
 
-    def params_for(self, task: str, overrides: dict[str, Any]) -> dict[str, Any]:
-        if task not in DEFAULTS:
-            raise RowError("bad_params", f"dalle2 serves {sorted(DEFAULTS)}, not {task!r}")
-        out = dict(DEFAULTS[task])
-        for k, v in (overrides or {}).items():
-            if k not in out:
-                raise RowError("bad_params", f"unknown {task} parameter {k!r} (known: {sorted(out)})")
-            out[k] = _check(k, v)
-        return out
+    def check_model(self, model: str) -> None:
+        """The dalle2-laion config parses, has a decoder, and every local file it names exists."""
+        from modeling.dalle2.config import ModelLoadConfig
 
-    def model_name(self, model_path: str) -> str:
-        return "dalle2:" + Path(model_path).stem
+        path = Path(model)
+        if path.is_dir():
+            configs = sorted(p.name for p in path.glob("*.json"))
+            raise ModelError(f"dalle2 model {model}: is a directory; give its dalle2-laion config JSON"
+                             + (f" (here: {', '.join(configs)})" if configs else ""))
+        if not path.is_file():
+            raise ModelError(f"dalle2 model {model}: no such file (a dalle2-laion model config JSON)")
+        try:
+            cfg = ModelLoadConfig.from_json(path)
+        except (ValueError, ValidationError) as e:
+            raise ModelError(f"dalle2 model {model}: {' '.join(str(e).split())[:500]}") from None
+        if cfg.decoder is None:
+            raise ModelError(f"dalle2 model {model}: the config has no decoder")
+        for f in _local_files(json.loads(path.read_text())):
+            p = Path(f) if Path(f).is_absolute() else path.parent / f
+            if not p.is_file():
+                raise ModelError(f"dalle2 model {model}: missing {f} (named by the config)")
 
-    def model_fingerprint(self, model_path: str) -> str:
+    def model_name(self, model: str) -> str:
+        return "dalle2:" + Path(model).stem
+
+    def model_fingerprint(self, model: str) -> str:
         """The config JSON, and for each local file it names: name, size and any JSON content."""
-        path = Path(model_path)
+        path = Path(model)
         h = hashlib.sha256(path.read_bytes())
-        for f in sorted(set(_file_paths(json.loads(path.read_text())))):
+        for f in sorted(set(_local_files(json.loads(path.read_text())))):
             p = Path(f) if Path(f).is_absolute() else path.parent / f
             if p.is_file():
                 h.update(f"{f}:{p.stat().st_size}\n".encode())
@@ -283,16 +326,18 @@ class Dalle2Family:
                     h.update(p.read_bytes())
         return h.hexdigest()[:16]
 
+    def write_tiny(self, directory: str) -> str:
+        from modeling.dalle2.tiny import write_tiny
 
-def _file_paths(node: Any):
-    if isinstance(node, dict):
-        if node.get("load_type") == "local" and isinstance(node.get("path"), str):
-            yield node["path"]
-        for v in node.values():
-            yield from _file_paths(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from _file_paths(v)
+        return str(write_tiny(directory))
+
+    def demo(self) -> Demo:
+        rows: list[dict[str, Any]] = [{"id": f"t2i-{i}", "task": "t2i", "prompt": p, "num_samples": 2 if i == 0 else 1}
+                                      for i, p in enumerate(PROMPTS)]
+        rows.append({"id": "variation-0", "task": "variation", "image": demo_png(1)})
+        rows.append({"id": "inpaint-0", "task": "edit", "prompt": "a green square", "image": demo_png(2), "mask": demo_png(0, mask=True)})
+        rows.append({"id": "bad-0", "task": "t2i", "prompt": "   "})  # shows where bad rows go
+        return Demo(rows, DEMO_SETTINGS)
 
 
 FAMILY = Dalle2Family()
