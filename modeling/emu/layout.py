@@ -90,3 +90,20 @@ def release_layout(p: Emu1Params | Emu2Params, inv_freq: bool = True) -> dict[st
         out[rel] = (3 * shape[0],) if rel.endswith(".qkv.bias") else shape
     out.update(unused_tensors(p, inv_freq))
     return out
+
+
+def release_state_dict(model) -> dict[str, torch.Tensor]:
+    """Our module's tensors under the released names (Emu2's EVA biases fused as [q, 0, v]);
+    the unused tensors are not included (see unused_tensors)."""
+    emu2 = model.variant == "emu2"
+    out: dict[str, torch.Tensor] = {}
+    sd = model.state_dict()
+    for name, t in sd.items():
+        rel = _release_name(name, emu2)
+        if rel.endswith(".qkv.bias"):
+            if name.endswith("q_bias"):
+                v = sd[name[: -len("q_bias")] + "v_bias"]
+                out[rel] = torch.cat([t, torch.zeros_like(t), v])
+        else:
+            out[rel] = t
+    return out
