@@ -131,8 +131,9 @@ def _assign(module, sd: dict[str, torch.Tensor]) -> None:
     module.load_state_dict(sd, strict=True, assign=True)
 
 
-def _load(model, variant: str, read, names: list[str], device, dtype) -> None:
-    """read(name) -> tensor; names: every tensor the checkpoint holds (release names)."""
+def _load(model, variant: str, read, shape, names: list[str], device, dtype) -> None:
+    """read(name) -> tensor, shape(name) -> its shape without reading it; names: every tensor
+    the checkpoint holds (release names)."""
     p = model.params
     want = release_layout(p)
     used, unused = map_names(p)  # release name -> module name(s); release names accepted but unused
@@ -144,13 +145,13 @@ def _load(model, variant: str, read, names: list[str], device, dtype) -> None:
     dev = torch.device(device)
     sd: dict[str, torch.Tensor] = {}
     for name in names:
+        if tuple(shape(name)) != tuple(want[name]):
+            raise ValueError(f"{name}: checkpoint shape {tuple(shape(name))} != expected {tuple(want[name])}")
         if name in unused:
             if INV_FREQ.search(name):
                 _check_inv_freq(name, read(name), p.llm.head_dim, p.llm.rope_theta)
             continue
         t = read(name)
-        if tuple(t.shape) != tuple(want[name]):
-            raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} != expected {tuple(want[name])}")
         targets = used[name]
         if len(targets) == 3:  # Emu2's fused [q, 0, v] EVA bias -> q_bias, v_bias
             q, k, v = t.chunk(3)
@@ -176,12 +177,15 @@ def load_encoder(model_dir: str | Path, device="cpu", dtype: torch.dtype = torch
         from safetensors import safe_open
 
         shards = emu2_shards(d)
-        handles = {path: safe_open(str(path), framework="pt") for path in set(shards.values())}
+        dev = torch.device(device)
+        handles = {path: safe_open(str(path), framework="pt", device=str(dev) if dev.type != "cpu" else "cpu")
+                   for path in set(shards.values())}
         listed = {k for path, f in handles.items() for k in f.keys()}
         if listed != set(shards):
             raise ValueError(f"{d / 'multimodal_encoder'}: the index and the shards list different tensors "
                              f"({sorted(listed ^ set(shards))[:8]})")
-        _load(model, variant, lambda k: handles[shards[k]].get_tensor(k), sorted(shards), device, dtype)
+        _load(model, variant, lambda k: handles[shards[k]].get_tensor(k),
+              lambda k: handles[shards[k]].get_slice(k).get_shape(), sorted(shards), device, dtype)
     else:
         path = d / "multimodal_encoder" / "pytorch_model.bin"
         ckpt = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
@@ -189,7 +193,7 @@ def load_encoder(model_dir: str | Path, device="cpu", dtype: torch.dtype = torch
             ckpt = ckpt["module"]
         if not isinstance(ckpt, dict):
             raise ValueError(f"{path}: not a state dict (got {type(ckpt).__name__})")
-        _load(model, variant, ckpt.__getitem__, sorted(ckpt), device, dtype)
+        _load(model, variant, ckpt.__getitem__, lambda k: ckpt[k].shape, sorted(ckpt), device, dtype)
     return model.eval().requires_grad_(False)
 
 
@@ -206,9 +210,3 @@ def load_tokenizer(model_dir: str | Path, variant: str | None = None, mode: str 
     emu = read_json(d / "Emu-14B.json")
     return emu1_tokenizer(d / "llama_config", int(emu.get("vladapter_cfg", {}).get("n_causal", 32)))
 
-
-def describe(model_dir: str | Path) -> dict:
-    """Small summary for logs: variant and sizes."""
-    p = encoder_params(model_dir)
-    return {"variant": "emu2" if isinstance(p, Emu2Params) else "emu1", "llm_layers": p.llm.n_layers,
-            "llm_dim": p.llm.dim, "eva_layers": p.eva.layers, "image_size": p.eva.image_size}

@@ -111,12 +111,8 @@ def load_images(kit_dir: Path, case: dict, tf: EvaTransform) -> torch.Tensor | N
     return tf.batch([Image.open(kit_dir / n) for n in names]) if names else None
 
 
-def run_diffusion(rep: Report, kit_dir: Path, variant: str, t: dict, case: dict, cond, uncond) -> list[str]:
-    from modeling.emu import diffusion as D
-
+def run_diffusion(rep: Report, D, dec, kit_dir: Path, t: dict, case: dict, cond, uncond) -> list[str]:
     p, cid = case["params"], case["id"]
-    dec = run_diffusion.cache.get(kit_dir) or run_diffusion.cache.setdefault(
-        kit_dir, D.load_decoder(kit_dir, variant, "cpu", torch.float32))
     kwargs = dict(height=int(p["height"]), width=int(p["width"]), steps=int(p["num_inference_steps"]),
                   guidance=float(p["guidance_scale"]), noise=NoiseReplay(t, case["noise_stream"]))
     accepted = inspect.signature(D.denoise).parameters
@@ -136,18 +132,24 @@ def run_diffusion(rep: Report, kit_dir: Path, variant: str, t: dict, case: dict,
     return cols + [f"pixels ±{dmax}" + ("" if dmax <= PIXEL_TOL else " FAIL")]
 
 
-run_diffusion.cache = {}
+class Diffusion:
+    """The diffusion side (modeling.emu.diffusion), loaded once per kit on first use."""
 
+    def __init__(self, kit_dir: Path, variant: str):
+        self.kit_dir, self.variant, self.dec, self.module = kit_dir, variant, None, None
 
-def diffusion_checks(rep: Report, kit_dir: Path, variant: str, t: dict, case: dict, cond, uncond) -> list[str]:
-    try:
-        import modeling.emu.diffusion  # noqa: F401
-    except ModuleNotFoundError as e:
-        if e.name != "modeling.emu.diffusion":
-            raise
-        rep.ok = False
-        return ["diffusion: modeling.emu.diffusion is not there (use --llm-only to check the LLM side alone) FAIL"]
-    return run_diffusion(rep, kit_dir, variant, t, case, cond, uncond)
+    def check(self, rep: Report, t: dict, case: dict, cond, uncond) -> list[str]:
+        if self.module is None:
+            try:
+                from modeling.emu import diffusion
+            except ModuleNotFoundError as e:
+                if e.name != "modeling.emu.diffusion":
+                    raise
+                rep.ok = False
+                return ["diffusion: modeling.emu.diffusion is not there (--llm-only checks the LLM side alone) FAIL"]
+            self.module = diffusion
+            self.dec = diffusion.load_decoder(self.kit_dir, self.variant, "cpu", torch.float32)
+        return run_diffusion(rep, self.module, self.dec, self.kit_dir, t, case, cond, uncond)
 
 
 @dataclass
@@ -175,7 +177,8 @@ def plan_case(rep: Report, enc, tok, fast, t: dict, kit_dir: Path, case: dict, t
     pixels = load_images(kit_dir, case, tf)
     if pixels is not None and f"{cid}.pixel_values" in t:
         run_.cols.append(rep.rel("pixels_in", pixels, t[f"{cid}.pixel_values"]))
-    if case["kind"] == "autoencode":  # Emu2, one image and no text: no LLM
+    autoenc = enc.variant == "emu2" and "inputs" in case and R.is_autoencode([x.get("text", x) for x in case["inputs"]])
+    if case["kind"] == "autoencode" or autoenc:  # Emu2, an image and no text: no LLM
         run_.cond = R.autoencode(enc, pixels)
         run_.cols.append(rep.rel("cond", run_.cond, t[f"{cid}.image_embeds"]))
         if float(case["params"]["guidance_scale"]) > 1:
@@ -235,6 +238,7 @@ def run(kit_dir: str | Path, batched: bool = False, llm_only: bool = False) -> t
             rep.ok = False
             rep.lines.append(f"special id {name}: kit {got} vs tokenizer {want}  FAIL")
     tf = EvaTransform.from_kit(kit["eva_transform"]) if "eva_transform" in kit else EvaTransform(enc.params.eva.image_size)
+    diffusion = Diffusion(kit_dir, variant)
     runs = [plan_case(rep, enc, tok, fast, t, kit_dir, case, tf, n) for case in kit["cases"]]
     # the LLM stage: an llm_batch case's rows together; cond rows one by one (or all in one batch
     # with --batched); the "" row once per kit, as an actor would cache it
@@ -263,7 +267,7 @@ def run(kit_dir: str | Path, batched: bool = False, llm_only: bool = False) -> t
             both = cr.cond if cr.uncond is None else torch.cat([cr.cond, cr.uncond])
             cr.cols.append(rep.rel("prompt_embeds", both, t[f"{cid}.prompt_embeds"]))
             if not llm_only:
-                cr.cols += diffusion_checks(rep, kit_dir, variant, t, cr.case, cr.cond, cr.uncond)
+                cr.cols += diffusion.check(rep, t, cr.case, cr.cond, cr.uncond)
         rep.lines.append(f"{cid:<12} {cr.case['kind']:<10} " + "  ".join(cr.cols))
     return rep.ok, rep.lines
 
