@@ -181,3 +181,16 @@ def test_prompt_inputs_rejects_image_mismatch(kit):
     enc, tok = kit["enc"], kit["tok"]
     with pytest.raises(ValueError, match="images"):
         R.prompt_inputs(enc, [tok.encode(["x ", Image.new("RGB", (4, 4))])], [None])
+
+
+def test_decode_step_traces_whole():
+    """The per-step function compiles as one graph (no graph breaks) and gives the same numbers."""
+    d = shared_fixture("emu2-tiny/kit.json").parent
+    enc, tok = load_encoder(d), load_tokenizer(d)
+    prompts = [tok.encode(["a red cube"]), tok.encode(["a dog on a beach at sunset"])]
+    x, valid = R.prompt_inputs(enc, prompts, [None, None])
+    eager = R.regress(enc, x, valid, 8).embeds
+    torch._dynamo.reset()
+    step = torch.compile(R.decode_step, fullgraph=True, backend="eager", dynamic=False)
+    compiled = R.regress(enc, x, valid, 8, step=step).embeds
+    assert rel(compiled, eager) < 1e-6

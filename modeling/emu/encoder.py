@@ -31,6 +31,9 @@ class Emu2Encoder(nn.Module):
         self.project_up = nn.Linear(p.eva.width, p.llm.dim, bias=False)
         self.project_down = nn.Linear(p.llm.dim, p.eva.width, bias=False)
 
+    def setup_caches(self, max_batch: int, max_len: int) -> None:
+        self.decoder.setup_caches(max_batch, max_len)
+
     @property
     def n_embeds(self) -> int:
         return self.params.n_query
@@ -65,6 +68,9 @@ class Emu1Encoder(nn.Module):
         self.cformer = CausalFormer(p.cformer)
         self.decoder = LlamaDecoder(p.llm)
         self.stu_regress_head = nn.Linear(p.llm.dim, p.llm.dim, bias=False)
+
+    def setup_caches(self, max_batch: int, max_len: int) -> None:
+        self.decoder.setup_caches(max_batch, max_len)
 
     @property
     def n_embeds(self) -> int:
