@@ -199,14 +199,15 @@ def plan_case(rep: Report, enc, tok, fast, t: dict, kit_dir: Path, case: dict, t
             parts = [x["text"] if "text" in x else None for x in case["inputs"]]  # None: an image
         n_images = sum(p is None for p in parts)
         prompt = recorded_prompt(t, prefix, r, n, tok.special.image, n_images)
-        run_.cols.append(rep.same("ids_uncond" if uncond else "ids", tok.encode(parts).ids, prompt.ids))
+        tag = "_uncond" if uncond else str(r) if texts else ""
+        run_.cols.append(rep.same(f"ids{tag}", tok.encode(parts).ids, prompt.ids))  # the generation layout
         if not uncond:
             want = case["prompt_ids"][r] if texts else case["prompt_ids"]
-            run_.cols.append(rep.same("prompt_ids", tok.encode(parts, generate=False).ids, want))
+            run_.cols.append(rep.same(f"prompt_ids{tag}", tok.encode(parts, generate=False).ids, want))
             if fast is not None:
                 want_fast = case.get("prompt_ids_fast")
                 want_fast = want if want_fast is None else want_fast[r] if texts else want_fast
-                run_.cols.append(rep.same("fast_ids", fast.encode(parts, generate=False).ids, want_fast))
+                run_.cols.append(rep.same(f"fast_ids{tag}", fast.encode(parts, generate=False).ids, want_fast))
         run_.rows.append(Row(prefix, r, prompt, None if uncond else pixels, uncond))
     return run_
 
