@@ -14,6 +14,7 @@ Weights are float32 (the file names keep the release's `bf16` variant, as the pa
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -174,9 +175,10 @@ def write_tiny(directory: str | Path, variant: str = "emu2", seed: int = 0) -> P
         from modeling.emu.decoder import write_tiny_decoder
     except ImportError:  # TODO: the diffusion side (unet/, vae/, scheduler/, ...) is not in this tree yet
         return out
-    write_tiny_decoder(out, variant, seed)
+    width = p.eva.width if variant == "emu2" else p.llm.dim  # the unet's cross-attention context width
+    takes_width = "context_dim" in inspect.signature(write_tiny_decoder).parameters
+    write_tiny_decoder(out, variant, seed, **({"context_dim": width} if takes_width else {}))
     unet_cfg = out / "unet" / "config.json"
-    width = p.eva.width if variant == "emu2" else p.llm.dim
     if unet_cfg.is_file() and json.loads(unet_cfg.read_text()).get("cross_attention_dim") not in (None, width):
         raise ValueError(f"{unet_cfg}: cross_attention_dim must be the encoder's embedding width {width}")
     return out
