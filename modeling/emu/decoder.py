@@ -10,6 +10,11 @@ Modules are built from each folder's config on the meta device (never `from_pret
 tensor goes straight to the target device and dtype and is assigned; loading is strict (a missing
 or unexpected tensor, or a wrong shape, is a ValueError). `.bin` files load with
 `torch.load(weights_only=True)`. No code from a checkpoint folder is run.
+
+    check_decoder_layout(model_dir, variant, safety_checker=False) -> None   (no weights read)
+    load_decoder(model_dir, variant, device="cpu", dtype=float32, safety_checker=False) -> EmuDecoder
+    write_tiny_decoder(directory, variant, context_dim, seed=0) -> Path
+    build_unet / build_vae / build_safety_checker(cfg) -> module on meta; release_names(kind, sd)
 """
 
 from __future__ import annotations
@@ -109,7 +114,6 @@ def _layout(model_dir: str | Path, variant: str, safety_checker: bool) -> tuple[
     cfgs = {k: _read_json(d / CONFIGS[k]) for k in parts}
     if "feature_extractor" not in cfgs and (d / CONFIGS["feature_extractor"]).is_file():  # for safety_inputs
         cfgs["feature_extractor"] = _read_json(d / CONFIGS["feature_extractor"])
-    paths = {k: weight_path(d, variant, k) for k in ("unet", "vae") + (("safety_checker",) if safety_checker else ())}
     want = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "scheduler": SCHEDULERS[variant]}
     for k, cls in want.items():
         got = cfgs[k].get("_class_name")
@@ -121,6 +125,11 @@ def _layout(model_dir: str | Path, variant: str, safety_checker: bool) -> tuple[
                          f"({variant} needs {'text_time' if variant == 'emu2' else None!r})")
     if safety_checker and "vision_config" not in cfgs["safety_checker"]:
         raise ValueError(f"{d / CONFIGS['safety_checker']}: not a CLIPConfig (no vision_config)")
+    try:  # the scheduler is cheap to build: its values are checked too
+        EmuDecoder(variant, None, None, cfgs["scheduler"]).make_scheduler().set_timesteps(2)
+    except Exception as e:
+        raise ValueError(f"{d / CONFIGS['scheduler']}: {type(e).__name__}: {e}") from None
+    paths = {k: weight_path(d, variant, k) for k in ("unet", "vae") + (("safety_checker",) if safety_checker else ())}
     return cfgs, paths
 
 
