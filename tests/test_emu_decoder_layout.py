@@ -75,6 +75,10 @@ def test_tiny_round_trip(tiny_dir):
     assert pixels.shape == (1, 16, 24, 3) and D.safety_check(dec, pixels) == [False]
     bf = load_decoder(d, variant, dtype=torch.bfloat16)
     assert bf.unet.conv_in.weight.dtype == torch.bfloat16 and bf.safety_checker is None
+    lat16 = D.denoise(bf, torch.randn(2, 4, 16), torch.zeros(1, 4, 16), height=16, width=16, steps=2,
+                      guidance=[2.0, 1.0], generators=[torch.Generator().manual_seed(i) for i in range(2)])
+    assert lat16.dtype == torch.float32 and torch.isfinite(lat16).all()  # latents stay float32
+    assert torch.isfinite(D.decode(bf, lat16)[1]).all()
     assert all(not p.is_meta for p in dec.safety_checker.parameters())
     assert all(not b.is_meta for b in dec.safety_checker.buffers())
 
