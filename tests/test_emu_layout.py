@@ -105,7 +105,7 @@ def tiny(tmp_path_factory):
 @pytest.mark.parametrize("variant", ["emu1", "emu2"])
 def test_tiny_is_a_loadable_released_layout(tiny, variant):
     d = tiny[variant]
-    assert detect_variant(d) == variant
+    assert check_layout(d, safety_checker=True) == variant
     enc = load_encoder(d)
     tok = load_tokenizer(d)
     out = encode_prompts(enc, [tok.encode(["a red cube on a table"]), tok.encode([""])], [None, None]).embeds
@@ -114,6 +114,14 @@ def test_tiny_is_a_loadable_released_layout(tiny, variant):
         fast = load_tokenizer(d, mode="fast")
         for text in ["a red cube on a table", "impressionist painting of an astronaut", "Zürich 42 !"]:
             assert fast.encode([text]).ids == tok.encode([text]).ids
+
+
+def test_check_layout_wants_the_unet_context_to_be_the_embedding_width(tiny, tmp_path):
+    d = shutil.copytree(tiny["emu2"], tmp_path / "m")
+    cfg = json.loads((d / "unet" / "config.json").read_text())
+    (d / "unet" / "config.json").write_text(json.dumps({**cfg, "cross_attention_dim": 64}))
+    with pytest.raises(ValueError, match="cross_attention_dim 64"):
+        check_layout(d)
 
 
 def _emu1_bin(d):

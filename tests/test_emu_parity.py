@@ -59,6 +59,17 @@ def test_corrupted_tensor_fails(tmp_path, name, tensor, capsys):
     assert "FAIL" in out and "PARITY FAILED" in out
 
 
+def test_corrupted_diffusion_tensor_fails(tmp_path, capsys):
+    if not _has_diffusion():
+        pytest.skip("modeling.emu.diffusion (the diffusion side) is not in this tree yet")
+    kit = shutil.copytree(shared_fixture("emu1-tiny"), tmp_path / "k")
+    t = load_file(str(kit / "tensors.safetensors"))
+    t["t2i_noguide.final_latent"] = t["t2i_noguide.final_latent"] * 1.001
+    save_file(t, str(kit / "tensors.safetensors"))
+    assert parity.main([str(kit)]) != 0
+    assert "final_latent" in capsys.readouterr().out
+
+
 def test_corrupted_prompt_ids_fail(tmp_path, capsys):
     kit = shutil.copytree(shared_fixture("emu1-tiny"), tmp_path / "k")
     spec = json.loads((kit / "kit.json").read_text())

@@ -20,12 +20,11 @@ import torch
 
 from modeling.emu.config import Emu1Params, Emu2Params
 
-# files a model folder needs besides the weights (checked by load.check_layout)
-DIFFUSION_CONFIGS = ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json")
-EMU2_FILES = ("model_index.json", "multimodal_encoder/config.json", "tokenizer/tokenizer.model",
-              "tokenizer/added_tokens.json") + DIFFUSION_CONFIGS
+# the encoder-side files a model folder needs besides the weights (load.check_layout; the
+# diffusion folders are decoder.check_decoder_layout's)
+EMU2_FILES = ("model_index.json", "multimodal_encoder/config.json")
 EMU1_FILES = ("multimodal_encoder/pytorch_model.bin", "Emu-14B.json", "llama_config/config.json",
-              "llama_config/tokenizer.model", "cformer_t5_config.json") + DIFFUSION_CONFIGS
+              "cformer_t5_config.json")
 
 
 def _release_name(name: str, emu2: bool) -> str:

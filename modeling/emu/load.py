@@ -72,10 +72,13 @@ def encoder_params(model_dir: str | Path, variant: str | None = None) -> Emu1Par
     return emu2_params(model_dir) if variant == "emu2" else emu1_params(model_dir)
 
 
-def check_layout(model_dir: str | Path) -> str:
-    """Check (without reading weights) that the folder has every file the encoder and tokenizer
-    need and that they parse; Emu2 shard headers must list exactly the released tensor names
-    and shapes. Returns the variant. Raises FileNotFoundError / ValueError naming the problem."""
+def check_layout(model_dir: str | Path, safety_checker: bool = False, tokenizer_mode: str = "slow") -> str:
+    """Check (without reading weights) that the folder has every file the encoder, tokenizer and
+    diffusion decoder need and that they parse; Emu2 shard headers must list exactly the released
+    tensor names and shapes, and the unet's cross-attention width must be the encoder's embedding
+    width. Returns the variant. Raises FileNotFoundError / ValueError naming the problem."""
+    from modeling.emu.decoder import check_decoder_layout
+
     d = Path(model_dir)
     variant = detect_variant(d)
     for rel in EMU2_FILES if variant == "emu2" else EMU1_FILES:
@@ -94,13 +97,18 @@ def check_layout(model_dir: str | Path) -> str:
             with safe_open(str(path), framework="pt") as f:
                 shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
         _compare(shapes, release_layout(params), "multimodal_encoder")
-        load_tokenizer(d, variant)
     else:
         import zipfile
 
         if not zipfile.is_zipfile(d / "multimodal_encoder" / "pytorch_model.bin"):
             raise ValueError(f"{d / 'multimodal_encoder' / 'pytorch_model.bin'}: not a torch zip checkpoint")
-        load_tokenizer(d, variant)
+    load_tokenizer(d, variant, tokenizer_mode)
+    check_decoder_layout(d, variant, safety_checker)
+    width = params.eva.width if variant == "emu2" else params.llm.dim
+    context = read_json(d / "unet" / "config.json").get("cross_attention_dim")
+    if context != width:
+        raise ValueError(f"{d / 'unet' / 'config.json'}: cross_attention_dim {context} != the {variant} encoder's "
+                         f"embedding width {width}")
     return variant
 
 

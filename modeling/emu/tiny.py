@@ -7,14 +7,13 @@ Emu2: model_index.json, multimodal_encoder/ (config.json in the EmuForCausalLM f
 tokenizer/. Emu1: multimodal_encoder/pytorch_model.bin, Emu-14B.json, llama_config/,
 cformer_t5_config.json. Tokenizer files are trained on the fly (tiny_tokenizer.py). The
 diffusion folders (unet/, vae/, scheduler/, feature_extractor/, safety_checker/) come from
-modeling.emu.decoder.write_tiny_decoder; their cross-attention width must be the encoder's
-embedding width (Emu2: EVA width 32, Emu1: LLM width 64), which is checked.
+modeling.emu.decoder.write_tiny_decoder, with the unet's cross-attention width set to the
+encoder's embedding width (Emu2: EVA width 32, Emu1: LLM width 64).
 Weights are float32 (the file names keep the release's `bf16` variant, as the parity kits do).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 
@@ -171,16 +170,10 @@ def write_tiny(directory: str | Path, variant: str = "emu2", seed: int = 0) -> P
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     p = write_emu2_encoder(out, seed) if variant == "emu2" else write_emu1_encoder(out, seed)
-    try:
-        from modeling.emu.decoder import write_tiny_decoder
-    except ImportError:  # TODO: the diffusion side (unet/, vae/, scheduler/, ...) is not in this tree yet
-        return out
-    width = p.eva.width if variant == "emu2" else p.llm.dim  # the unet's cross-attention context width
-    takes_width = "context_dim" in inspect.signature(write_tiny_decoder).parameters
-    write_tiny_decoder(out, variant, seed, **({"context_dim": width} if takes_width else {}))
-    unet_cfg = out / "unet" / "config.json"
-    if unet_cfg.is_file() and json.loads(unet_cfg.read_text()).get("cross_attention_dim") not in (None, width):
-        raise ValueError(f"{unet_cfg}: cross_attention_dim must be the encoder's embedding width {width}")
+    from modeling.emu.decoder import write_tiny_decoder
+
+    # the unet's cross-attention context is the regressed embedding: Emu2 EVA width, Emu1 LLM width
+    write_tiny_decoder(out, variant, p.eva.width if variant == "emu2" else p.llm.dim, seed)
     return out
 
 
