@@ -1,0 +1,1 @@
+"""Emu (baaivision/Emu): Emu1 and Emu2-Gen in plain PyTorch. See README.md."""
