@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
 from pipeline.families import DEMO_DEFAULT, installed
 from pipeline.family import ModelError
@@ -16,6 +17,11 @@ from pipeline.report import format_table, status
 from pipeline.resume import ResumeError
 from pipeline.spec import SpecError, load_spec
 from pipeline.storage import redact
+
+try:
+    __version__ = version("genfleet")
+except PackageNotFoundError:  # a checkout that was not installed
+    __version__ = "unknown"
 
 # what the user can fix in the spec, the model path or the manifest before a run: exit 2
 USER_ERRORS = (SpecError, ManifestError, ResumeError, ModelError)
@@ -32,6 +38,7 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec field by dotted path, e.g. stages.lmm.batch_size=8 (repeatable)")
     p.add_argument("--new-run", action="store_true", help="discard what OUTPUT holds and start over")
+    p.add_argument("--takeover", action="store_true", help="take OUTPUT over from a driver that holds its lease but is dead")
     p.add_argument("--retry-errors", action="store_true", help="run the pairs that failed for good again too "
                    "(transient failures always run again)")
     p.add_argument("--spec-json", help=argparse.SUPPRESS)  # a resolved spec, as `submit` sends it
@@ -50,7 +57,7 @@ def _spec(args):
 def cmd_run(args) -> int:
     from jobs.driver import run_job
 
-    result = run_job(_spec(args), new_run=args.new_run, retry_errors=args.retry_errors)
+    result = run_job(_spec(args), new_run=args.new_run, retry_errors=args.retry_errors, takeover=args.takeover)
     print(f"genfleet: job {result['status']}\n{format_table(result)}")
     return 0
 
@@ -85,26 +92,30 @@ def cmd_submit(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="debug logging (-vv: third-party libraries' too)")
     p = argparse.ArgumentParser(prog="genfleet", description="Batch generation with multistage image models on Ray.",
-                                epilog=f"installed families: {_families()}")
-    p.add_argument("-v", "--verbose", action="store_true")
+                                epilog=f"installed families: {_families()}", parents=[common])
+    p.add_argument("--version", action="version", version=f"genfleet {__version__}")
+    p.set_defaults(verbose=0)
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run (or resume) a job")
+    run = sub.add_parser("run", help="run (or resume) a job", parents=[common])
     _job_args(run)
     run.set_defaults(fn=cmd_run)
-    demo = sub.add_parser("demo", help="run a small job with a tiny random-weight model")
+    demo = sub.add_parser("demo", help="run a small job with a tiny random-weight model", parents=[common])
     demo.add_argument("--output", default="demo-output")
     demo.add_argument("--family", default=DEMO_DEFAULT, help=f"one of: {_families()} (default {DEMO_DEFAULT})")
     demo.set_defaults(fn=cmd_demo)
-    tiny = sub.add_parser("make-tiny", help="write a tiny random-weight model in the family's released layout")
+    tiny = sub.add_parser("make-tiny", help="write a tiny random-weight model in the family's released layout", parents=[common])
     tiny.add_argument("family", help=f"one of: {_families()}")
     tiny.add_argument("dir")
     tiny.set_defaults(fn=cmd_make_tiny)
-    st = sub.add_parser("status", help="progress of a running or finished job")
+    st = sub.add_parser("status", help="progress of a running or finished job", parents=[common])
     st.add_argument("output")
     st.add_argument("--json", action="store_true")
     st.set_defaults(fn=cmd_status)
-    sb = sub.add_parser("submit", help="run the job through Ray Jobs on a cluster")
+    sb = sub.add_parser("submit", help="run the job through Ray Jobs on a cluster", parents=[common])
     _job_args(sb)
     sb.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://head:8265")
     sb.add_argument("--working-dir", default=".", help="directory shipped to the cluster (the genfleet checkout)")
@@ -113,14 +124,38 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+THIRD_PARTY_LOGGERS = ("botocore", "boto3", "s3fs", "aiobotocore", "fsspec", "urllib3", "asyncio", "filelock")
+
+
+class _Redact(logging.Filter):
+    """Every log line passes through the same redaction as messages (botocore's debug lines
+    would otherwise print credentials)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact(record.getMessage()), ()
+        return True
+
+
+def _setup_logging(verbosity: int) -> None:
+    handler = logging.StreamHandler()
+    handler.addFilter(_Redact())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbosity else logging.INFO, handlers=[handler], force=True)
+    for name in THIRD_PARTY_LOGGERS:  # their debug output only with -vv
+        logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO)
+
+
+def _raised_in_ray(e: BaseException) -> bool:
+    """Ray re-raises a worker's exception as a subclass of it (RayTaskError(ValueError)): what
+    failed inside the run is a job failure, whatever its type."""
+    return any(c.__name__.startswith(("RayTaskError", "RayActorError")) for c in type(e).__mro__)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    _setup_logging(args.verbose)
     try:
         return args.fn(args)
-    except USER_ERRORS as e:
-        print(f"genfleet: error: {redact(str(e))}", file=sys.stderr)
-        return 2
     except (JobStopped, JobIncomplete) as e:
         print(f"genfleet: job {'stopped' if isinstance(e, JobStopped) else 'incomplete'}: {redact(str(e))}", file=sys.stderr)
         return 1
@@ -128,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         print("genfleet: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - one line for the user, the trace in -v
+        if isinstance(e, USER_ERRORS) and not _raised_in_ray(e):
+            print(f"genfleet: error: {redact(str(e))}", file=sys.stderr)
+            return 2
         log.debug("job failed", exc_info=True)
         print(f"genfleet: job failed: {redact(root_cause(e))}", file=sys.stderr)
         return 1

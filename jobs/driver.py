@@ -10,10 +10,15 @@ runs in plain tasks, and the driver commits shards by size or age (jobs/writer.p
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
+import signal
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 import ray
@@ -26,9 +31,11 @@ from pipeline.families import get_family
 from pipeline.family import Family, ModelError, StageContext, StageSpec, parse_params
 from pipeline.guard import ErrorRateGuard
 from pipeline.inputs import fetch_block
+from pipeline.lease import Heartbeat, acquire
 from pipeline.manifest import Manifest, open_manifest, output_names
 from pipeline.outcome import JobIncomplete, JobStopped
 from pipeline.plan import Plan, make_plan
+from pipeline.policy import FetchPolicy
 from pipeline.report import Progress, Tally, summary, write_summary
 from pipeline.resume import CommitLog, check_output
 from pipeline.sample import RowError
@@ -70,6 +77,64 @@ class Job:
     extras: dict[str, str]  # manifest column -> output column
 
 
+LOCAL_RAY_RECORDS = Path(tempfile.gettempdir()) / "genfleet-local-ray"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _ray_processes_of_group(pgid: int) -> list[int]:
+    """Ray's processes (its daemons, agents and workers) in process group `pgid`, from /proc."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+            group = int(stat.rsplit(")", 1)[1].split()[2])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if group == pgid and (cmdline.startswith(b"ray::") or b"/ray/" in cmdline):
+            found.append(int(entry.name))
+    return found
+
+
+def reap_orphaned_ray() -> list[int]:
+    """Kill what is left of local Rays whose driver died without stopping them (SIGKILL):
+    Ray's own processes in the dead driver's process group (agents, workers finishing a
+    task), so that a dead driver's Ray cannot keep working. Returns the pids killed."""
+    killed = []
+    for record in LOCAL_RAY_RECORDS.glob("*.json"):
+        try:
+            info = json.loads(record.read_text())
+            driver, pgid = int(info["driver"]), int(info["pgid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            record.unlink(missing_ok=True)
+            continue
+        if _alive(driver):
+            continue
+        for pid in _ray_processes_of_group(pgid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except ProcessLookupError:
+                pass
+        record.unlink(missing_ok=True)
+    return killed
+
+
+def _record_local_ray() -> None:
+    """Remember this driver's process group: Ray's processes inherit it."""
+    LOCAL_RAY_RECORDS.mkdir(parents=True, exist_ok=True)
+    (LOCAL_RAY_RECORDS / f"{os.getpid()}.json").write_text(json.dumps({"driver": os.getpid(), "pgid": os.getpgid(0)}))
+
+
 def connect(spec: JobSpec) -> bool:
     """Use the cluster named by the spec or RAY_ADDRESS; otherwise start a local one.
     True when this call connected (and so the job should disconnect at its end)."""
@@ -79,6 +144,7 @@ def connect(spec: JobSpec) -> bool:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
         return True
+    reap_orphaned_ray()
     ray.init(
         address="local",  # a new local Ray: never attach to whatever other Ray runs on this machine
         num_cpus=spec.ray.num_cpus or max(4, os.cpu_count() or 1),
@@ -88,7 +154,14 @@ def connect(spec: JobSpec) -> bool:
         # workers import jobs/pipeline/modeling (and test families) like the driver does
         runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}},
     )
+    _record_local_ray()
     return True
+
+
+def disconnect() -> None:
+    """Stop the local Ray this driver started (and forget its record)."""
+    ray.shutdown()
+    (LOCAL_RAY_RECORDS / f"{os.getpid()}.json").unlink(missing_ok=True)
 
 
 def _check_family(spec: JobSpec) -> tuple[Family, list[StageSpec]]:
@@ -176,7 +249,10 @@ def build_dataset(job: Job, done):
                   duplicates=job.plan.duplicates, committed=done, extras=job.extras)
     ds = ds.map_batches(Expand, fn_constructor_kwargs=expand, batch_format="pyarrow", compute=ActorPoolStrategy(size=1), num_cpus=0.25)
     if any(t.inputs for t in job.family.tasks.values()):
-        ds = ds.map_batches(fetch_block, batch_format="pyarrow", num_cpus=0.25)
+        i = spec.inputs
+        policy = FetchPolicy.for_manifest(spec.manifest, allow_local=i.allow_local, allow_urls=i.allow_urls,
+                                          max_bytes=i.max_bytes, max_pixels=i.max_pixels)
+        ds = ds.map_batches(fetch_block, fn_kwargs={"policy": policy}, batch_format="pyarrow", num_cpus=0.25)
     for g in job.groups:
         ds = ds.map_batches(StageGroup, fn_constructor_kwargs={"family": spec.family, "stages": g.stages, "attempts": spec.errors.attempts},
                             batch_size=g.batch_size, batch_format="pyarrow", compute=_pool(g.cfg.replicas),
@@ -185,7 +261,8 @@ def build_dataset(job: Job, done):
                           batch_format="pyarrow", num_cpus=0.5)
 
 
-def run_job(spec: JobSpec, *, new_run: bool = False, retry_errors: bool = False, interactive: bool | None = None) -> dict:
+def run_job(spec: JobSpec, *, new_run: bool = False, retry_errors: bool = False, takeover: bool = False,
+            interactive: bool | None = None) -> dict:
     started = time.time()
     job = prepare(spec, new_run=new_run)
     before = Tally.of(c.result for c in job.log.commits)
@@ -195,16 +272,19 @@ def run_job(spec: JobSpec, *, new_run: bool = False, retry_errors: bool = False,
         result = summary(before, Tally(), expected=job.plan.expected_pairs, started_at=started, status="completed")
         write_summary(spec.output, result)  # nothing to do: no Ray, no model
         return result
-    connected_here = connect(spec)
-    try:
-        return _execute(job, new_run, retry_errors, started, interactive)
-    finally:
-        if connected_here:
-            # Stop Ray, and the worker and GCS logs it forwards, before the CLI prints its last line.
-            ray.shutdown()
+    lease = acquire(spec.output, takeover=takeover)  # one writer per OUTPUT, before anything starts
+    job = dataclasses.replace(job, sink=dataclasses.replace(job.sink, lease_owner=lease.owner))
+    with Heartbeat(spec.output, lease) as heartbeat:
+        connected_here = connect(spec)
+        try:
+            return _execute(job, new_run, retry_errors, started, interactive, heartbeat)
+        finally:
+            if connected_here:
+                # Stop Ray, and the worker and GCS logs it forwards, before the CLI prints its last line.
+                disconnect()
 
 
-def _execute(job: Job, new_run: bool, retry_errors: bool, started: float, interactive: bool | None) -> dict:
+def _execute(job: Job, new_run: bool, retry_errors: bool, started: float, interactive: bool | None, heartbeat: Heartbeat) -> dict:
     spec = job.spec
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # genfleet shows its own progress
@@ -224,7 +304,7 @@ def _execute(job: Job, new_run: bool, retry_errors: bool, started: float, intera
         guard.add(r)
         if progress is not None:
             progress.update(sink.before.pairs + this_run.pairs, sink.before.errors + this_run.errors + this_run.retryable)
-        return guard.check()
+        return str(heartbeat.lost) if heartbeat.lost else guard.check()
 
     writer = ShardWriter(sink, rows_per_shard=spec.output_options.rows_per_shard,
                          max_shard_seconds=spec.output_options.max_shard_seconds, on_result=on_result)

@@ -86,12 +86,20 @@ class Manifest:
         return self.protocol_prefix + f.path
 
 
+def _hidden(path: str, root: str) -> bool:
+    """Spark's `_SUCCESS` and `_temporary/`, `.crc` files, ...: any component of the path
+    below the manifest root that starts with `_` or `.` is not data (as Arrow and Spark read it)."""
+    rel = path[len(root):].strip("/") if path.startswith(root) else path.rsplit("/", 1)[-1]
+    return any(part.startswith(("_", ".")) for part in rel.split("/") if part)
+
+
 def _list_files(url: str):
     fs, path = filesystem(url)
     if any(c in path for c in "*?["):
-        files = sorted(fs.glob(path))
+        base = path[: min(path.index(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
+        files = sorted(p for p in fs.glob(path) if not _hidden(p, base))
     elif fs.isdir(path):
-        files = sorted(p for p in fs.find(path) if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith(("_", ".")))
+        files = sorted(p for p in fs.find(path) if p.endswith(".parquet") and not _hidden(p, path))
     elif fs.exists(path):
         files = [path]
     else:
@@ -157,12 +165,20 @@ def output_names(extras: list[str], reserved: set[str]) -> dict[str, str]:
 
 
 def read_file_rows(url: str, f: ManifestFile, columns: list[str] | None = None) -> Iterator[pa.Table]:
-    """Stream one manifest file as tables with an ORDINAL column."""
+    """Stream one manifest file as tables with an ORDINAL column, row group by row group; a
+    row group that cannot be read fails naming the file and the group."""
     fs, _ = filesystem(url)
     ordinal = f.first_ordinal
     with fs.open(f.path, "rb") as fh:
-        for batch in pq.ParquetFile(fh).iter_batches(batch_size=READ_BATCH_ROWS, columns=columns):
-            table = pa.Table.from_batches([batch])
-            n = table.num_rows
-            yield table.append_column(ORDINAL, pa.array(range(ordinal, ordinal + n), pa.int64()))
-            ordinal += n
+        pf = pq.ParquetFile(fh)
+        for group in range(pf.num_row_groups):
+            try:
+                batches = list(pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[group], columns=columns))
+            except (OSError, pa.ArrowException) as e:
+                raise ManifestError(f"manifest file {redact(url)}: row group {group} is unreadable "
+                                    f"({type(e).__name__}: {redact(str(e))[:300]})") from None
+            for batch in batches:
+                table = pa.Table.from_batches([batch])
+                n = table.num_rows
+                yield table.append_column(ORDINAL, pa.array(range(ordinal, ordinal + n), pa.int64()))
+                ordinal += n

@@ -146,11 +146,21 @@ def wipe(output: str) -> None:
 
 
 def remove_debris(output: str, commits: list[Commit]) -> list[str]:
-    """Delete shard files without a commit record, stray temp files, and errors files of
-    shards whose errors were retired (a --retry-errors run stopped midway)."""
+    """Delete shard files without a commit record, stray temp files (of shards, commit
+    records, _job.json and _summary.json), and errors files of shards whose errors were
+    retired (a --retry-errors run stopped midway)."""
     fs, root = filesystem(output)
     by_name = {c.name: c.result for c in commits}
     removed = []
+    for where in (root, join(root, COMMITS)):  # a crash mid-write of _job.json, _summary.json or a commit record
+        fs.invalidate_cache(where)
+        try:
+            strays = [p for p in fs.ls(where, detail=False) if ".tmp-" in p.rsplit("/", 1)[-1]]
+        except FileNotFoundError:
+            strays = []
+        for p in strays:
+            fs.rm(p)
+            removed.append(p)
     for dataset in DATASETS:
         fs.invalidate_cache(join(root, dataset))
         try:

@@ -49,6 +49,7 @@ class SinkConfig:
     webdataset: bool = False
     extra_schema: pa.Schema = field(default_factory=lambda: pa.schema([]))  # output names and types of the extras
     scores: dict[str, str] = field(default_factory=dict)  # score column -> "float" | "bool"
+    lease_owner: str | None = None  # commit only while this run holds the output's lease
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,10 @@ def write_shard(rows: list[Sample], cfg: SinkConfig) -> ShardResult | None:
         if subset:
             write_atomic(fs, join(root, dataset, f"{name}.{ext}"), make())
     result = _result(name, rows)
+    if cfg.lease_owner is not None:
+        from pipeline.lease import check  # (imports resume, which imports this module)
+
+        check(cfg.output, cfg.lease_owner)  # a taken-over output gets no commits from this run
     commit = pa.table({**_keys(rows), "status": pa.array([status[r.key] for r in rows], pa.string()),
                        "covers": pa.array([r.covers for r in rows], pa.int32()),
                        "kind": pa.array([None if r.failure is None else r.failure.kind for r in rows], pa.string())})

@@ -58,6 +58,15 @@ class OutputConfig(_Strict):
     max_shard_seconds: float = Field(default=60.0, gt=0)
 
 
+class InputsConfig(_Strict):
+    """What input URLs a manifest may name (pipeline/policy.py), and how large inputs may be."""
+
+    allow_local: list[str] = Field(default_factory=list)  # local roots (symlinks resolved)
+    allow_urls: list[str] = Field(default_factory=list)  # URL prefixes besides the manifest's own bucket
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    max_pixels: int = Field(default=64 * 1024 * 1024, ge=1)
+
+
 class ErrorsConfig(_Strict):
     max_rate: float = Field(default=0.2, gt=0, le=1)  # stop the job when more fail (1: never stop)
     window: int = Field(default=1000, ge=1)  # ... over this many most recent samples
@@ -81,6 +90,7 @@ class JobSpec(_Strict):
     output_options: OutputConfig = Field(default_factory=OutputConfig, alias="outputs")
     ray: RayConfig = Field(default_factory=RayConfig)
     errors: ErrorsConfig = Field(default_factory=ErrorsConfig)
+    inputs: InputsConfig = Field(default_factory=InputsConfig)
     max_prompt_chars: int = Field(default=4000, ge=1)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)

@@ -14,7 +14,8 @@ import uuid
 
 import fsspec
 
-_SECRET_QUERY = re.compile(r"(?i)(signature|credential|token|secret|key)=[^&\s]+")
+# credentials in URL query strings (presigned URLs): only after ? or &, so KEY=VALUE prose stays readable
+_SECRET_QUERY = re.compile(r"(?i)([?&][\w.-]*(?:signature|credential|token|secret|key)[\w.-]*)=[^&\s]+")
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]+@")
 
 
@@ -53,6 +54,36 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         os.replace(tmp, path)
     else:
         fs.pipe_file(path, data)
+
+
+def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    """Create `path` only if it does not exist; False when it did. Atomic on local disks
+    (a hard link of a complete temp file) and on S3 (a conditional put)."""
+    if is_local(fs):
+        fs.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "s3" in protocols or "s3a" in protocols:
+        try:
+            fs.pipe_file(path, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+    if fs.exists(path):  # no conditional write here: the caller reads back to find the winner
+        return False
+    fs.pipe_file(path, data)
+    return True
 
 
 def redact(text: str) -> str:

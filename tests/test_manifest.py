@@ -1,6 +1,7 @@
 """Whole-manifest checks fail fast, naming the file and the column."""
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.manifest import ORDINAL, ManifestError, open_manifest, output_names, read_file_rows
@@ -93,3 +94,29 @@ def test_an_id_that_is_not_utf8_fails_the_plan_naming_file_and_column(tmp_path):
 def test_infinite_num_samples_counts_as_one_error_in_the_plan(tmp_path):
     path = write_manifest(str(tmp_path / "m.parquet"), {"id": ["a", "b"], "num_samples": [float("inf"), 2.0]})
     assert make_plan(open_manifest(path)).expected_pairs == 3
+
+
+def test_spark_and_hidden_files_are_not_data(tmp_path):
+    d = tmp_path / "m"
+    write_manifest(str(d / "part-0.parquet"), {"id": ["a"], "prompt": ["p"]})
+    write_manifest(str(d / "_temporary" / "0" / "part-9.parquet"), {"id": ["tmp"], "prompt": ["p"]})
+    write_manifest(str(d / ".hidden.parquet"), {"id": ["h"], "prompt": ["p"]})
+    (d / "_SUCCESS").write_text("")
+    (d / ".part-0.parquet.crc").write_text("crc")
+    for url in (str(d), str(d / "*")):
+        m = open_manifest(url)
+        assert [f.path.rsplit("/", 1)[-1] for f in m.files] == ["part-0.parquet"] and m.num_rows == 1
+
+
+def test_an_unreadable_row_group_names_the_file_and_group(tmp_path):
+    path = tmp_path / "m.parquet"
+    write_manifest(str(path), {"id": [f"r{i}" for i in range(40)], "prompt": ["x" * 50] * 40}, row_group_size=10)
+    m = open_manifest(str(path))  # the footer is fine
+    meta = pq.ParquetFile(path).metadata
+    start = meta.row_group(2).column(0).data_page_offset
+    raw = bytearray(path.read_bytes())
+    raw[start: start + 64] = b"\xff" * 64  # a corrupt page inside the third row group
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ManifestError, match=r"m.parquet: row group 2 is unreadable"):
+        for _ in read_file_rows(m.url_of(m.files[0]), m.files[0]):
+            pass

@@ -104,10 +104,14 @@ def test_uncommitted_files_are_debris(tmp_path):
     result = write_shard(encoded(rows(2, False)), cfg)
     (tmp_path / "images" / "part-deadbeef.parquet").write_bytes(b"half a shard")  # crashed before its commit
     (tmp_path / "images" / f"{result.shard}.parquet.tmp-123").write_bytes(b"temp")
+    (tmp_path / "_commits" / "part-cafe.parquet.tmp-9").write_bytes(b"half a commit")
+    (tmp_path / "_job.json.tmp-1").write_bytes(b"{")
+    (tmp_path / "_summary.json.tmp-2").write_bytes(b"{")
     log = read_log(str(tmp_path))
     assert len(log.ok) == 2 and [c.name for c in log.commits] == [result.shard]
     removed = remove_debris(str(tmp_path), log.commits)
-    assert sorted(p.rsplit("/", 1)[-1] for p in removed) == sorted(["part-deadbeef.parquet", f"{result.shard}.parquet.tmp-123"])
+    assert sorted(p.rsplit("/", 1)[-1] for p in removed) == sorted(["part-deadbeef.parquet", f"{result.shard}.parquet.tmp-123",
+                                                                    "part-cafe.parquet.tmp-9", "_job.json.tmp-1", "_summary.json.tmp-2"])
     assert (tmp_path / "images" / f"{result.shard}.parquet").exists()
 
 

@@ -57,7 +57,8 @@ def _shade(ctx: StageContext):
     if ctx.options.get("fail_build"):
         raise RuntimeError("toy weights are missing")  # a model that cannot load: the whole job fails
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    delay = float(ctx.options.get("sleep", 0))
+    # seconds per sample; TOY_SLEEP slows one driver's run down without changing the job's settings
+    delay = float(os.environ.get("TOY_SLEEP") or ctx.options.get("sleep", 0))
     flaky = int(ctx.options.get("flaky_failures", 0))
     flaky_dir = ctx.options.get("flaky_dir")
     accept_if = ctx.options.get("accept_if")
