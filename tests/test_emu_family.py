@@ -202,3 +202,14 @@ def test_entry_points_name_the_families():
         family = get_family(target)
         assert family.name == name and set(family.tasks) == {"t2i", "compose"} and family.scores == {"nsfw": "bool"}
         assert [s.name for s in family.stages("unused")] == ["prepare", "lmm", "unet", "vae_decode"]
+
+
+@pytest.mark.parametrize("variant", ["emu2", "emu1"])
+def test_example_config_fits_the_family(variant):
+    from pipeline.spec import load_spec
+
+    spec = load_spec(str(ROOT / "configs" / f"{variant}-t2i.yaml"))
+    family = get_family(FAMILIES[spec.family])
+    assert set(spec.stages) <= {s.name for s in family.stages(spec.model)}
+    for task, values in spec.sampler.items():
+        parse_params(family.tasks[task].params, values)
