@@ -137,13 +137,13 @@ def test_row_errors_leave_the_batch(tiny):
     variant, _, stages = tiny
     out = stages([row(variant, negative_prompt="blurry"), row(variant, width=100), row(variant, seed=3, height=128),
                   row(variant, "compose", 4, "<image>", images=[b"not an image"]),
-                  row(variant, "compose", 5, "x " * 3000, images=[png(0)] * 30)])
+                  row(variant, "compose", 5, "x " * 1500, images=[png(0)] * 30), row(variant, seed=6, prompt="x " * 1500)])
     errors = [(s.failure.kind, s.failure.message) if s.failure else None for s in out]
     assert errors[0][0] == "bad_params" and "negative prompt" in errors[0][1]
     assert errors[1] == ("bad_params", "width must be a multiple of 64 in [64, 2048], got 100")
     assert errors[2] is None and out[2].outputs.pixels.shape == (128, 64, 3)
     assert errors[3][0] == "bad_image"
-    assert errors[4][0] == "prompt_too_long" and "2048 positions" in errors[4][1]
+    assert errors[4][0] == errors[5][0] == "prompt_too_long" and "2048 positions" in errors[4][1]
 
 
 def test_safety_checker_flags_without_blacking_out(tiny):

@@ -120,11 +120,9 @@ def build_prepare(variant: str, ctx: StageContext):
             raise RowError("bad_params", "emu has no negative prompt: its guidance branch is the empty prompt")
         h, w = s.params.default_size
         size = (_side("height", s.height or h), _side("width", s.width or w))
-        if s.task == "t2i":  # text only: a literal "<image>" stays text
-            return Result(EmuState(size, tok.encode([s.prompt or ""])))
-        images = [decode_image(data) for data in s.inputs.get("images") or []]
-        parts = prompt_parts(s.prompt, images)
-        pixels = transform.batch(images).numpy()
+        images = [decode_image(data) for data in s.inputs.get("images") or []] if s.task == "compose" else []
+        parts = prompt_parts(s.prompt, images) if s.task == "compose" else [s.prompt or ""]  # t2i: "<image>" is text
+        pixels = transform.batch(images).numpy() if images else None
         if variant == "emu2" and len(images) == 1 and R.is_autoencode(parts):
             return Result(EmuState(size, None, pixels))
         prompt = tok.encode(parts)
