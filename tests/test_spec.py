@@ -12,7 +12,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_example_specs_validate(path):
     spec = load_spec(str(path))
-    assert spec.family in ("bagel", "dalle2") and spec.stages
+    assert spec.family in ("bagel", "dalle2", "emu1", "emu2") and spec.stages
 
 
 def test_flags_override_yaml_and_set_parses_yaml_values(tmp_path):
