@@ -13,7 +13,9 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -132,8 +134,19 @@ def thumbnail(data: bytes) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _open_parquet(fs, path: str) -> pq.ParquetFile:
-    return pq.ParquetFile(fs.open(path, "rb"), buffer_size=READ_BUFFER, pre_buffer=False)
+def _read_rows(fs, path: str, columns: list[str], rows: int | None = None) -> pa.Table | None:
+    """`columns` (those the file has) of its first `rows` rows (all: None); None if the file is gone
+    (a shard retired or removed since its commit was listed)."""
+    try:
+        with fs.open(path, "rb") as fh:
+            f = pq.ParquetFile(fh, buffer_size=READ_BUFFER, pre_buffer=False)
+            present = [c for c in columns if c in f.schema_arrow.names]
+            if rows is None:
+                return f.read(columns=present)
+            batch = next(f.iter_batches(batch_size=rows, columns=present), None)
+            return pa.Table.from_batches([batch]) if batch is not None else f.schema_arrow.empty_table().select(present)
+    except FileNotFoundError:
+        return None
 
 
 def read_thumbs(output: str, commits: list[Commit]) -> tuple[list[Thumb], int, bool]:
@@ -144,14 +157,11 @@ def read_thumbs(output: str, commits: list[Commit]) -> tuple[list[Thumb], int, b
     thumbs: list[Thumb] = []
     has_score = False
     for name, n in sorted(plan.items()):
-        try:
-            f = _open_parquet(fs, join(root, "images", f"{name}.parquet"))
-        except FileNotFoundError:
-            continue  # a shard retired or removed since its commit was listed
-        has_score = has_score or "clip_score" in f.schema_arrow.names
-        columns = [*IMAGE_COLUMNS, *(["clip_score"] if "clip_score" in f.schema_arrow.names else [])]
-        batch = next(f.iter_batches(batch_size=n, columns=columns), None)
-        for row in batch.to_pylist() if batch is not None else []:
+        table = _read_rows(fs, join(root, "images", f"{name}.parquet"), [*IMAGE_COLUMNS, "clip_score"], rows=n)
+        if table is None:
+            continue
+        has_score = has_score or "clip_score" in table.column_names
+        for row in table.to_pylist():
             thumbs.append(Thumb(row["id"], row["sample_index"], row["prompt"], row["seed"], row["sampler"] or "{}",
                                 row.get("clip_score"), thumbnail(row["image"]) if row["image"] else None))
     return thumbs, len(plan), has_score
@@ -161,14 +171,12 @@ def read_clip_scores(output: str, commits: list[Commit]) -> tuple[list[float], i
     """clip_score values from a spread of at most MAX_SCORE_SHARDS images/ shards."""
     fs, root = filesystem(output)
     names = sorted(c.name for c in commits if c.result.images > 0)
-    picked = [names[i] for i in list(spread_order(len(names)))[:MAX_SCORE_SHARDS]]
+    picked = sorted(names[i] for i in islice(spread_order(len(names)), MAX_SCORE_SHARDS))
     values: list[float] = []
-    for name in sorted(picked):
-        try:
-            col = _open_parquet(fs, join(root, "images", f"{name}.parquet")).read(columns=["clip_score"]).column(0)
-        except (FileNotFoundError, KeyError):
-            continue
-        values += [v for v in col.to_pylist() if v is not None]
+    for name in picked:
+        table = _read_rows(fs, join(root, "images", f"{name}.parquet"), ["clip_score"])
+        if table is not None and table.num_columns:
+            values += [v for v in table.column(0).to_pylist() if v is not None]
     return values, len(picked), len(names)
 
 
@@ -178,14 +186,9 @@ def read_error_examples(output: str, commits: list[Commit]) -> dict[str, list[Er
     examples: dict[str, list[ErrorExample]] = {}
     for c in sorted(commits, key=lambda c: c.name):
         wanted = {k for k in c.result.errors_by_kind if len(examples.get(k, [])) < EXAMPLES_PER_KIND}
-        if not wanted:
-            continue
-        try:
-            table = pq.read_table(fs.open(join(root, "errors", f"{c.name}.parquet"), "rb"),
-                                  columns=["id", "sample_index", "stage", "kind", "message"])
-        except FileNotFoundError:
-            continue
-        for row in table.to_pylist():
+        table = _read_rows(fs, join(root, "errors", f"{c.name}.parquet"), ["id", "sample_index", "stage", "kind", "message"]) \
+            if wanted else None
+        for row in table.to_pylist() if table is not None else []:
             got = examples.setdefault(row["kind"], []) if row["kind"] in wanted else None
             if got is not None and len(got) < EXAMPLES_PER_KIND:
                 got.append(ErrorExample(row["id"], row["sample_index"], row["stage"], (row["message"] or "")[:MAX_MESSAGE_CHARS]))
