@@ -1,4 +1,4 @@
-"""`genfleet`: run, demo, make-tiny, status, submit."""
+"""`genfleet`: run, demo, make-tiny, status, report, submit."""
 
 from __future__ import annotations
 
@@ -82,6 +82,13 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from pipeline.report_html import write_report
+
+    print(f"genfleet: wrote the report of {redact(args.output)} to {redact(write_report(args.output, args.out))}")
+    return 0
+
+
 def cmd_submit(args) -> int:
     from jobs.submit import submit
 
@@ -115,6 +122,10 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("output")
     st.add_argument("--json", action="store_true")
     st.set_defaults(fn=cmd_status)
+    rp = sub.add_parser("report", help="write an HTML report of a running or finished job", parents=[common])
+    rp.add_argument("output")
+    rp.add_argument("--out", help="where to write it (any fsspec URL; default OUTPUT/report.html)")
+    rp.set_defaults(fn=cmd_report)
     sb = sub.add_parser("submit", help="run the job through Ray Jobs on a cluster", parents=[common])
     _job_args(sb)
     sb.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://head:8265")

@@ -37,6 +37,7 @@ from pipeline.outcome import JobIncomplete, JobStopped
 from pipeline.plan import Plan, make_plan
 from pipeline.policy import FetchPolicy
 from pipeline.report import Progress, Tally, summary, write_summary
+from pipeline.report_html import write_report_after_run
 from pipeline.resume import CommitLog, check_output
 from pipeline.sample import RowError
 from pipeline.sink import OUTPUT_COLUMNS, SinkConfig
@@ -271,6 +272,7 @@ def run_job(spec: JobSpec, *, new_run: bool = False, retry_errors: bool = False,
     if not new_run and not len(job.log.retry) and before.pairs >= job.plan.expected_pairs and not (retry_errors and before.errors):
         result = summary(before, Tally(), expected=job.plan.expected_pairs, started_at=started, status="completed")
         write_summary(spec.output, result)  # nothing to do: no Ray, no model
+        write_report_after_run(spec.output)
         return result
     lease = acquire(spec.output, takeover=takeover)  # one writer per OUTPUT, before anything starts
     job = dataclasses.replace(job, sink=dataclasses.replace(job.sink, lease_owner=lease.owner))
@@ -317,6 +319,7 @@ def _execute(job: Job, new_run: bool, retry_errors: bool, started: float, intera
         raise
     finally:
         progress.close()
+        write_report_after_run(spec.output)  # completed, incomplete, stopped or failed: after the summary
     result = sink.result
     assert result is not None
     if result["missing"]:

@@ -1,0 +1,246 @@
+"""What the HTML report shows, read from an output (running or finished, any fsspec URL).
+
+It reads only what it needs: _job.json, _summary.json, the commit records' stats, a few
+rows of errors/ (only from shards whose stats hold a kind still lacking examples), the
+first rows of the images/ shards picked for the sample grid, and the clip_score column.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import islice
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipeline.report import Tally, stage_throughput
+from pipeline.resume import SUMMARY_FILE, Commit, NoJob, list_commits, read_job, read_log, read_results
+from pipeline.storage import filesystem, join, redact
+
+MAX_THUMBS = 48
+THUMBS_PER_SHARD = 6  # so a full grid opens 8 shards at least: a spread, at a bounded cost
+THUMB_PX = 128
+EXAMPLES_PER_KIND = 3
+MAX_SCORE_SHARDS = 64  # shards read for the clip_score histogram
+MAX_MESSAGE_CHARS = 500
+IMAGE_COLUMNS = ("id", "sample_index", "image", "seed", "prompt", "sampler")
+# sink images are written one page per column chunk, so a shard's image column is read whole;
+# a buffered reader still stops early on files written with smaller pages
+READ_BUFFER = 1 << 20
+
+
+@dataclass(frozen=True)
+class Thumb:
+    id: str
+    sample_index: int
+    prompt: str | None
+    seed: int | None
+    sampler: str  # JSON, as in images/
+    clip_score: float | None
+    data_uri: str | None  # None: the image did not decode
+
+
+@dataclass(frozen=True)
+class ErrorExample:
+    id: str
+    sample_index: int
+    stage: str
+    message: str
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    number: int  # 1-based, in _job.json's order
+    started_at: float
+    wall_seconds: float | None
+    wall_source: str  # where wall_seconds comes from: "summary", "last commit", "so far", or "-"
+    committed_before: int
+    committed: int  # (id, sample) pairs committed during this run
+    retry_errors: bool
+    commits: list[tuple[float, int]]  # (committed_at, pairs) of the shards this run committed
+
+
+@dataclass(frozen=True)
+class ReportData:
+    output: str  # redacted
+    state: str
+    generated_at: float
+    job: dict  # _job.json
+    counts: dict[str, int]
+    errors_by_kind: dict[str, int]
+    error_examples: dict[str, list[ErrorExample]]
+    runs: list[RunInfo]
+    stage_rows_per_second: dict[str, float]
+    stage_rows: dict[str, int]
+    thumbs: list[Thumb]
+    thumb_shards: int  # images/ shards the grid was drawn from
+    clip_scores: list[float] | None  # None: no clip_score column
+    clip_score_shards: tuple[int, int]  # (read, holding images)
+
+
+def spread_order(n: int) -> Iterator[int]:
+    """0..n-1 in an order where every prefix is spread evenly (van der Corput): 0, n/2, n/4, 3n/4, ..."""
+    seen: set[int] = set()
+    k = 0
+    while len(seen) < n:
+        frac, denom, m = 0.0, 1.0, k
+        while m:
+            denom *= 2
+            frac += (m & 1) / denom
+            m >>= 1
+        i = int(frac * n)
+        if i not in seen:
+            seen.add(i)
+            yield i
+        k += 1
+
+
+def plan_sample(shards: list[tuple[str, int]], limit: int = MAX_THUMBS, per_shard: int = THUMBS_PER_SHARD) -> dict[str, int]:
+    """How many images to take from the start of each shard ((name, images), sorted by name):
+    up to `per_shard` from each in spread order, more per shard only when shards run out."""
+    take: dict[str, int] = {}
+    need = min(limit, sum(n for _, n in shards))
+    while need > 0:
+        for i in spread_order(len(shards)):
+            name, n = shards[i]
+            have = take.get(name, 0)
+            add = min(per_shard - have, n - have, need)
+            if add > 0:
+                take[name] = have + add
+                need -= add
+            if need == 0:
+                break
+        per_shard += THUMBS_PER_SHARD
+    return take
+
+
+def thumbnail(data: bytes) -> str | None:
+    """A small JPEG data URI, or None for bytes that are not an image."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.draft("RGB", (THUMB_PX * 2, THUMB_PX * 2))  # JPEG sources decode at a reduced size
+            small = img.convert("RGB")
+            small.thumbnail((THUMB_PX, THUMB_PX))
+            buf = io.BytesIO()
+            small.save(buf, "JPEG", quality=80)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _read_rows(fs, path: str, columns: list[str], rows: int | None = None) -> pa.Table | None:
+    """`columns` (those the file has) of its first `rows` rows (all: None); None if the file is gone
+    (a shard retired or removed since its commit was listed)."""
+    try:
+        with fs.open(path, "rb") as fh:
+            f = pq.ParquetFile(fh, buffer_size=READ_BUFFER, pre_buffer=False)
+            present = [c for c in columns if c in f.schema_arrow.names]
+            if rows is None:
+                return f.read(columns=present)
+            batch = next(f.iter_batches(batch_size=rows, columns=present), None)
+            return pa.Table.from_batches([batch]) if batch is not None else f.schema_arrow.empty_table().select(present)
+    except FileNotFoundError:
+        return None
+
+
+def read_thumbs(output: str, commits: list[Commit]) -> tuple[list[Thumb], int, bool]:
+    """The sample grid, and whether images/ has a clip_score column."""
+    fs, root = filesystem(output)
+    shards = [(c.name, c.result.images) for c in sorted(commits, key=lambda c: c.name) if c.result.images > 0]
+    plan = plan_sample(shards)
+    thumbs: list[Thumb] = []
+    has_score = False
+    for name, n in sorted(plan.items()):
+        table = _read_rows(fs, join(root, "images", f"{name}.parquet"), [*IMAGE_COLUMNS, "clip_score"], rows=n)
+        if table is None:
+            continue
+        has_score = has_score or "clip_score" in table.column_names
+        for row in table.to_pylist():
+            thumbs.append(Thumb(row["id"], row["sample_index"], row["prompt"], row["seed"], row["sampler"] or "{}",
+                                row.get("clip_score"), thumbnail(row["image"]) if row["image"] else None))
+    return thumbs, len(plan), has_score
+
+
+def read_clip_scores(output: str, commits: list[Commit]) -> tuple[list[float], int, int]:
+    """clip_score values from a spread of at most MAX_SCORE_SHARDS images/ shards."""
+    fs, root = filesystem(output)
+    names = sorted(c.name for c in commits if c.result.images > 0)
+    picked = sorted(names[i] for i in islice(spread_order(len(names)), MAX_SCORE_SHARDS))
+    values: list[float] = []
+    for name in picked:
+        table = _read_rows(fs, join(root, "images", f"{name}.parquet"), ["clip_score"])
+        if table is not None and table.num_columns:
+            values += [v for v in table.column(0).to_pylist() if v is not None]
+    return values, len(picked), len(names)
+
+
+def read_error_examples(output: str, commits: list[Commit]) -> dict[str, list[ErrorExample]]:
+    """A few rows of each permanent error kind, from as few errors/ files as the stats allow."""
+    fs, root = filesystem(output)
+    examples: dict[str, list[ErrorExample]] = {}
+    for c in sorted(commits, key=lambda c: c.name):
+        wanted = {k for k in c.result.errors_by_kind if len(examples.get(k, [])) < EXAMPLES_PER_KIND}
+        table = _read_rows(fs, join(root, "errors", f"{c.name}.parquet"), ["id", "sample_index", "stage", "kind", "message"]) \
+            if wanted else None
+        for row in table.to_pylist() if table is not None else []:
+            got = examples.setdefault(row["kind"], []) if row["kind"] in wanted else None
+            if got is not None and len(got) < EXAMPLES_PER_KIND:
+                got.append(ErrorExample(row["id"], row["sample_index"], row["stage"], (row["message"] or "")[:MAX_MESSAGE_CHARS]))
+    return examples
+
+
+def runs_of(job: dict, commits: list[Commit], summary: dict | None, now: float) -> list[RunInfo]:
+    """_job.json's runs, each with the commits made while it ran (from their committed_at)."""
+    runs = job.get("runs", [])
+    starts = [r["started_at"] for r in runs]
+    mine: list[list[tuple[float, int]]] = [[] for _ in runs]
+    for c in commits:
+        at = c.result.committed_at
+        k = max((i for i, s in enumerate(starts) if s <= at), default=0)  # worker clocks may run a bit behind
+        if mine:
+            mine[k].append((at, c.result.pairs))
+    out = []
+    for i, r in enumerate(runs):
+        last = i == len(runs) - 1
+        times = sorted(mine[i])
+        wall, source = r.get("wall_seconds"), "run record"
+        if wall is None and last and summary is not None and summary.get("this_run", {}).get("rows"):
+            wall, source = summary["this_run"].get("wall_seconds"), "summary"  # exact; a no-op resume has rows 0
+        elif wall is None and last and summary is None:
+            wall, source = now - r["started_at"], "so far"
+        elif wall is None and times:
+            wall, source = times[-1][0] - r["started_at"], "last commit"
+        out.append(RunInfo(i + 1, r["started_at"], wall, source if wall is not None else "-", r.get("committed_before", 0),
+                           sum(p for _, p in times), bool(r.get("retry_errors")), times))
+    return out
+
+
+def gather(output: str) -> ReportData:
+    job = read_job(output)
+    if job is None:
+        raise NoJob(f"no genfleet job at {redact(output)} (no _job.json)")
+    fs, root = filesystem(output)
+    try:
+        summary = json.loads(fs.cat_file(join(root, SUMMARY_FILE)))
+    except FileNotFoundError:
+        summary = None  # running, or killed before its end
+    commits = read_results(output, list_commits(output))
+    t = Tally.of(c.result for c in commits)
+    pending = len(read_log(output).retry) if t.retryable else 0  # pending until a later shard holds the pair
+    thumbs, thumb_shards, has_score = read_thumbs(output, commits)
+    scores, score_read, score_total = read_clip_scores(output, commits) if has_score else ([], 0, 0)
+    now = time.time()
+    counts = {"expected": job["expected_pairs"], "committed": t.pairs, "missing": max(job["expected_pairs"] - t.pairs, 0),
+              "images": t.images, "texts": t.texts, "errors": t.errors, "retryable": pending, "shards": t.shards}
+    return ReportData(
+        output=redact(output), state=summary["status"] if summary else "running or stopped", generated_at=now, job=job,
+        counts=counts, errors_by_kind=dict(sorted(t.errors_by_kind.items())), error_examples=read_error_examples(output, commits),
+        runs=runs_of(job, commits, summary, now), stage_rows_per_second=stage_throughput(t), stage_rows=t.stage_rows,
+        thumbs=thumbs, thumb_shards=thumb_shards, clip_scores=scores if has_score else None,
+        clip_score_shards=(score_read, score_total))
