@@ -120,7 +120,9 @@ def reap_orphaned_ray() -> list[int]:
             continue
         if _alive(driver):
             continue
-        for pid in _ray_processes_of_group(pgid):
+        # only a driver that led its own process group (a shell job, a new session): a shared
+        # group could hold someone else's Ray
+        for pid in _ray_processes_of_group(pgid) if pgid == driver else ():
             try:
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)

@@ -2,8 +2,9 @@
 
 The lease (`_lease.json`: owner token, host, pid, since, heartbeat) is created exclusively:
 a conditional put (`If-None-Match: *`) on S3, O_EXCL on local disks, create-then-read-back
-elsewhere. A second driver on the same OUTPUT refuses at once, naming the holder; a lease
-whose heartbeat is older than STALE_AFTER_SECONDS, or `--takeover`, is taken over. Write
+elsewhere. A second driver on the same OUTPUT refuses at once, naming the holder. A lease
+whose heartbeat is older than STALE_AFTER_SECONDS, or whose holder ran on this host and is
+gone (a crash, then the same command again), or `--takeover`, is taken over. Write
 tasks check the lease before each commit, so a dead driver's leftover workers cannot
 commit over a job that took the output over.
 """
@@ -56,12 +57,25 @@ def read_lease(output: str) -> Lease | None:
         return None
 
 
+def _dead_here(lease: Lease) -> bool:
+    """The holder ran on this host and its process is gone (a crash, then the same command again)."""
+    if lease.host != socket.gethostname():
+        return False
+    try:
+        os.kill(lease.pid, 0)
+        return False
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+
+
 def acquire(output: str, *, takeover: bool = False) -> Lease:
     fs, root = filesystem(output)
     path = join(root, LEASE_FILE)
     held = read_lease(output)
     if held is not None:
-        stale = time.time() - held.heartbeat > STALE_AFTER_SECONDS
+        stale = time.time() - held.heartbeat > STALE_AFTER_SECONDS or _dead_here(held)
         if not (takeover or stale):
             raise LeaseHeld(f"{output} is being written by {held.describe()}; use --takeover if that job is dead")
         fs.rm_file(path)

@@ -39,8 +39,17 @@ def test_the_lease_is_exclusive_and_stale_leases_are_taken_over(where, tmp_path,
     write_atomic(fs, join(root, LEASE_FILE), json.dumps({**second.__dict__, "heartbeat": time.time() - 3600}).encode())
     third = acquire(output)
     assert read_lease(output).owner == third.owner
-    release(output, third)
+    # a holder that ran here and is gone (a crash) leaves a lease the next run takes at once
+    write_atomic(fs, join(root, LEASE_FILE), json.dumps({**third.__dict__, "pid": dead_pid()}).encode())
+    fourth = acquire(output)
+    release(output, fourth)
     assert read_lease(output) is None
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
 
 
 def test_a_run_that_lost_its_lease_commits_nothing(tmp_path):
