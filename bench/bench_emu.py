@@ -1,6 +1,6 @@
 """Emu2-Gen / Emu1 GPU benchmark: genfleet's KV-cached batched loop and t2i vs the public reference, same run.
 
-    python bench/bench_emu.py --reference .emu-ref --ref-stubs .emu-tools/stubs   # both models, both sides
+    python bench/bench_emu.py --reference .emu-ref --ref-stubs bench/emu_ref_stubs   # both models, both sides
     python bench/bench_emu.py --models emu2 --no-t2i                              # genfleet only, AR stage only
     python bench/bench_emu.py --tiny [--reference .emu-ref --ref-stubs ...]       # tiny shapes on CPU (smoke test)
 
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", choices=["emu2", "emu1"], default=["emu2", "emu1"])
     ap.add_argument("--reference", type=Path, default=None, help="folder with baaivision/Emu's Emu2/emu and Emu1/models")
-    ap.add_argument("--ref-stubs", type=Path, default=Path(".emu-tools/stubs"), help="the reference's compatibility stubs")
+    ap.add_argument("--ref-stubs", type=Path, default=Path("bench/emu_ref_stubs"), help="the reference's compatibility stubs")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes, float32, on CPU (smoke test)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--ar-batch-sizes", type=int, nargs="+", default=None, help="genfleet AR rows (default 16 64)")

@@ -1,0 +1,1 @@
+from timm.layers import drop_path, to_2tuple, trunc_normal_  # noqa: F401
