@@ -1,7 +1,6 @@
 import collections.abc
 from itertools import repeat
 
-import torch
 from torch.nn.init import trunc_normal_  # noqa: F401  (timm's trunc_normal_ has the same semantics)
 
 
