@@ -5,6 +5,7 @@ errors, special-token injection, model checks, parameter validation, registratio
 import io
 import shutil
 import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,7 +193,7 @@ def test_check_model_names_the_missing_file(tiny, tmp_path):
     (broken / "tokenizer" if variant == "emu2" else broken / "llama_config").joinpath("tokenizer.model").unlink()
     with pytest.raises(ModelError, match="missing tokenizer.model"):
         family.check_model(str(broken))
-    assert family.model_name(model) == f"{variant}:{variant}0"
+    assert family.model_name(model) == f"{variant}:{Path(model).name}"
 
 
 def test_entry_points_name_the_families():
