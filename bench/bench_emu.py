@@ -47,7 +47,7 @@ from modeling.emu.config import PRESETS  # noqa: E402
 from modeling.emu.decoder import DEFAULTS, EmuDecoder, build_safety_checker, build_unet, build_vae  # noqa: E402
 from modeling.emu.decoder_presets import RELEASED, tiny_configs  # noqa: E402
 from modeling.emu.encoder import Emu1Encoder, Emu2Encoder  # noqa: E402
-from modeling.emu.regress import decode_step, prompt_inputs, regress  # noqa: E402
+from modeling.emu.regress import GraphedStep, decode_step, prompt_inputs, regress  # noqa: E402
 from modeling.emu.tiny import tiny_emu1, tiny_emu2  # noqa: E402
 from modeling.emu.tokens import EmuTokenizer, SpecialIds  # noqa: E402
 
@@ -125,35 +125,6 @@ def make_tokenizer(variant: str, n: int, ref_dir: Path | None) -> EmuTokenizer:
         sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model(ref_dir, variant)))
         return EmuTokenizer(sp.encode, SPECIAL, n, True, "slow")
     return EmuTokenizer(lambda s: [100 + zlib.crc32(w.encode()) % 31000 for w in s.split()], SPECIAL, n, True, "slow")
-
-
-class GraphedStep:
-    """regress()'s step with the single-token forward replayed from a CUDA graph (one per batch size and
-    cache); the prefill runs eagerly. Inputs are copied into the graph's static tensors each call."""
-
-    def __init__(self):
-        self.graphs: dict[tuple, tuple] = {}
-
-    def __call__(self, enc, x, cols, pos, key_valid):
-        if x.shape[1] != 1 or x.device.type != "cuda":
-            return decode_step(enc, x, cols, pos, key_valid)
-        key = (x.shape[0], key_valid.shape[1], enc.decoder.layers[0].self_attn.kv_cache.k.data_ptr())
-        if key not in self.graphs:
-            static = [t.clone() for t in (x, cols, pos, key_valid)]
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up off the capture (writes the same cache column the call will)
-                decode_step(enc, *static)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = decode_step(enc, *static)
-            self.graphs[key] = (graph, static, out)
-        graph, static, out = self.graphs[key]
-        for s, t in zip(static, (x, cols, pos, key_valid)):
-            s.copy_(t)
-        graph.replay()
-        return out
 
 
 def make_step(kind: str):

@@ -14,7 +14,7 @@ position). Prompt images' embeddings fill their <image> slots in order of appear
 
 `decode_step` is a top-level function with fixed shapes per step (static cache, index_copy
 writes, columns/positions passed as tensors), so it can be wrapped by torch.compile or captured
-in a CUDA graph; pass the wrapped one as `regress(..., step=...)`.
+in a CUDA graph (`GraphedStep`); pass the wrapped one as `regress(..., step=...)`.
 """
 
 from __future__ import annotations
@@ -65,6 +65,42 @@ def decode_step(enc, x: Tensor, cols: Tensor, pos: Tensor, key_valid: Tensor) ->
     h = enc.decoder(x, cols, pos, key_valid)
     e = enc.regress_head(h[:, -1:])
     return h, e, enc.feed_back(e)
+
+
+class GraphedStep:
+    """`decode_step` with the single-token forward replayed from a CUDA graph: one graph per
+    (batch size, cache), captured on first use; the prefill, whose length varies with every
+    batch, and any CPU call run eagerly. Inputs are copied into the graph's static tensors, and
+    the outputs returned are the graph's own (valid until the next call of the same shape)."""
+
+    def __init__(self) -> None:
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, list[Tensor], tuple[Tensor, Tensor, Tensor]]] = {}
+        self.cache_ptr = 0
+
+    def __call__(self, enc, x: Tensor, cols: Tensor, pos: Tensor, key_valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if x.shape[1] != 1 or x.device.type != "cuda":
+            return decode_step(enc, x, cols, pos, key_valid)
+        cache_ptr = enc.decoder.layers[0].self_attn.kv_cache.k.data_ptr()
+        if cache_ptr != self.cache_ptr:  # the cache was re-allocated (a longer prompt): the graphs point at the old one
+            self.graphs.clear()
+            self.cache_ptr = cache_ptr
+        key = (x.shape[0], key_valid.shape[1])
+        if key not in self.graphs:
+            static = [t.clone() for t in (x, cols, pos, key_valid)]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm up off the capture; writes the cache column this call writes anyway
+                decode_step(enc, *static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = decode_step(enc, *static)
+            self.graphs[key] = (graph, static, out)
+        graph, static, out = self.graphs[key]
+        for dst, src in zip(static, (x, cols, pos, key_valid)):
+            dst.copy_(src)
+        graph.replay()
+        return out
 
 
 @torch.no_grad()

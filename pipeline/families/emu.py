@@ -8,8 +8,9 @@ images come first; an image-only row is Emu2's autoencoding; Emu1's in-context g
 Stages (pipeline/families/emu_stages.py): prepare (CPU), lmm, unet, vae_decode (GPU), each on
 its own actor pool or co-located (`stages: {unet: {colocate: true}, vae_decode: {colocate: true}}`).
 Stage options: prepare tokenizer (slow | fast: Emu2's tokenizer.json; default slow, as the
-reference); lmm max_len (KV cache tokens, default 512, grows when needed), compile (bool or a
-torch.compile mode: the single-token step); unet compile; vae_decode safety_checker (default
+reference); lmm max_len (KV cache tokens, default 512, grows when needed), step (graph: the
+single-token step replayed from a CUDA graph, the default on a GPU | eager, the default on CPU |
+compile | a torch.compile mode); unet compile; vae_decode safety_checker (default
 false: the SD safety checker's verdict as the `nsfw` column, images are never blacked out).
 Sampler params: emu_params.py. Outputs: the image, and embeddings `emu_visual` [n, d].
 """

@@ -135,10 +135,16 @@ def build_prepare(variant: str, ctx: StageContext):
 
 
 # ---- lmm (GPU) -----------------------------------------------------------------------------
-def _compiled_step(mode: str):
-    """torch.compile the single-token step (fixed shapes per batch size); the prefill, whose
-    length varies with every batch, stays eager."""
-    compiled = torch.compile(R.decode_step, mode=mode, dynamic=False)
+def _step(option: object, device: str):
+    """The single-token step: replayed from a CUDA graph on a GPU (the default), eager on CPU,
+    or torch.compile'd (`step: compile`, or a torch.compile mode name); the prefill, whose
+    length varies with every batch, always runs eagerly."""
+    choice = option if option is not None else ("graph" if device.startswith("cuda") else "eager")
+    if choice == "eager":
+        return R.decode_step
+    if choice == "graph":
+        return R.GraphedStep()
+    compiled = torch.compile(R.decode_step, mode=None if choice == "compile" else str(choice), dynamic=False)
 
     def step(enc, x, cols, pos, key_valid):
         return (compiled if x.shape[1] == 1 else R.decode_step)(enc, x, cols, pos, key_valid)
@@ -153,8 +159,7 @@ class Lmm:
         self.enc = load_encoder(ctx.model_path, ctx.device, _dtype(ctx.dtype))
         self.tok = load_tokenizer(ctx.model_path, variant)  # for "": both modes give [BOS, [IMG]]
         self.enc.setup_caches(LMM_BATCH, int(ctx.options.get("max_len", CACHE_LEN)))
-        mode = ctx.options.get("compile")
-        self.step = _compiled_step(mode if isinstance(mode, str) else "default") if mode else R.decode_step
+        self.step = _step(ctx.options.get("step"), str(ctx.device))
         self._uncond: dict[str, torch.Tensor] = {}
 
     def emu2(self) -> Emu2Encoder:
