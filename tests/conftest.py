@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures"
+# the shared kits beside the checkout; GENFLEET_FIXTURES names another copy (e.g. on a GPU machine)
+FIXTURES = Path(os.environ.get("GENFLEET_FIXTURES") or ROOT.parent / "shared" / "fixtures")
 TOY = "tests.toy_family:FAMILY"
 
 
