@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import tempfile
@@ -39,11 +40,12 @@ from pipeline.policy import FetchPolicy
 from pipeline.report import Progress, Tally, summary, write_summary
 from pipeline.report_html import write_report_after_run
 from pipeline.resume import CommitLog, check_output, write_index
+from pipeline.rows import MAX_PACK
 from pipeline.sample import RowError
 from pipeline.sink import OUTPUT_COLUMNS, SinkConfig
 from pipeline.spec import JobSpec, SpecError, StageConfig
 from pipeline.stages import StageGroup
-from pipeline.validate import Expand
+from pipeline.validate import ExpandConfig, expand_block
 
 log = logging.getLogger("genfleet")
 
@@ -251,19 +253,29 @@ def _pool(replicas) -> ActorPoolStrategy:
     return ActorPoolStrategy(min_size=replicas[0], max_size=replicas[1])
 
 
+def pack_size(groups: list[GroupPlan], rows_per_shard: int) -> int:
+    """Samples per block row after the last model stage (pipeline/rows.py): dividing its batch
+    size (its batches become whole packs) and the shard size (the writer counts rows)."""
+    return math.gcd(MAX_PACK, rows_per_shard, groups[-1].batch_size)
+
+
 def build_dataset(job: Job, done):
     spec = job.spec
+    pack = pack_size(job.groups, spec.output_options.rows_per_shard)
     ds = ray.data.read_datasource(ManifestDatasource(job.manifest, job.skip))
-    expand = dict(family=spec.family, job_seed=spec.seed, sampler=spec.sampler, max_prompt_chars=spec.max_prompt_chars,
-                  duplicates=job.plan.duplicates, committed=done, extras=job.extras)
-    ds = ds.map_batches(Expand, fn_constructor_kwargs=expand, batch_format="pyarrow", compute=ActorPoolStrategy(size=1), num_cpus=0.25)
+    expand = ExpandConfig(family=spec.family, job_seed=spec.seed, sampler=spec.sampler, max_prompt_chars=spec.max_prompt_chars,
+                          duplicates=job.plan.duplicates, committed=done, extras=job.extras)
+    # whole blocks, as the validation actor of earlier versions took them: the same blocks downstream
+    ds = ds.map_batches(expand_block, fn_kwargs={"config": expand}, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
     if any(t.inputs for t in job.family.tasks.values()):
         i = spec.inputs
         policy = FetchPolicy.for_manifest(spec.manifest, allow_local=i.allow_local, allow_urls=i.allow_urls,
                                           max_bytes=i.max_bytes, max_pixels=i.max_pixels)
         ds = ds.map_batches(fetch_block, fn_kwargs={"policy": policy}, batch_format="pyarrow", num_cpus=0.25)
-    for g in job.groups:
-        ds = ds.map_batches(StageGroup, fn_constructor_kwargs={"family": spec.family, "stages": g.stages, "attempts": spec.errors.attempts},
+    for n, g in enumerate(job.groups):
+        last = n == len(job.groups) - 1
+        ds = ds.map_batches(StageGroup, fn_constructor_kwargs={"family": spec.family, "stages": g.stages, "attempts": spec.errors.attempts,
+                                                               "pack": pack if last else 0},
                             batch_size=g.batch_size, batch_format="pyarrow", compute=_pool(g.cfg.replicas),
                             num_gpus=g.num_gpus or None, num_cpus=g.num_cpus)
     return ds.map_batches(encode_block, fn_kwargs={"image_format": spec.output_options.image_format, "quality": spec.output_options.quality},
@@ -319,7 +331,8 @@ def _execute(job: Job, new_run: bool, retry_errors: bool, started: float, intera
             progress.update(sink.before.pairs + this_run.pairs, sink.before.errors + this_run.errors + this_run.retryable)
         return str(heartbeat.lost) if heartbeat.lost else guard.check()
 
-    writer = ShardWriter(sink, rows_per_shard=spec.output_options.rows_per_shard,
+    # the writer counts block rows: packs of samples
+    writer = ShardWriter(sink, rows_per_shard=spec.output_options.rows_per_shard // pack_size(job.groups, spec.output_options.rows_per_shard),
                          max_shard_seconds=spec.output_options.max_shard_seconds, on_result=on_result)
     progress = Progress(job.plan.expected_pairs, 0 if new_run else Tally.of(c.result for c in job.log.commits).pairs, interactive)
     try:

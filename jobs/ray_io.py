@@ -22,9 +22,11 @@ from pipeline.resume import CommitLog, begin_run, read_log, write_index
 from pipeline.rows import from_block
 from pipeline.sink import ShardResult, SinkConfig, write_shard
 
+READ_TASK_ROWS = 50_000
+
 
 class ManifestDatasource(Datasource):
-    """One read task per manifest file with work left, streamed in batches with row
+    """Read tasks over runs of row groups with work left, streamed in batches with row
     ordinals; `skip`: file identity -> its row groups with nothing left to do (not read)."""
 
     def __init__(self, manifest: Manifest, skip: dict[str, frozenset[int]] | None = None):
@@ -40,11 +42,20 @@ class ManifestDatasource(Datasource):
 
         tasks = []
         for f in self.manifest.files:
-            skip = self.skip.get(f.identity, frozenset())
-            rows = sum(n for g, n in enumerate(f.row_groups) if g not in skip)
-            if rows:
+            done = self.skip.get(f.identity, frozenset())
+            # a task per run of row groups of about READ_TASK_ROWS rows, so that reading and validation run in parallel
+            spans: list[list[int]] = [[]]
+            for g, n in enumerate(f.row_groups):
+                if g in done:
+                    continue
+                if spans[-1] and sum(f.row_groups[i] for i in spans[-1]) + n > READ_TASK_ROWS:
+                    spans.append([])
+                spans[-1].append(g)
+            for span in filter(None, spans):
+                skip = frozenset(range(len(f.row_groups))) - set(span)
                 tasks.append(ReadTask(read(self.manifest.url_of(f), f, skip),
-                                      BlockMetadata(num_rows=rows, size_bytes=None, exec_stats=None, input_files=(f.path,))))
+                                      BlockMetadata(num_rows=sum(f.row_groups[g] for g in span), size_bytes=None, exec_stats=None,
+                                                    input_files=(f.path,))))
         # every row group done but the run still has work (pairs it can only find by id): one empty task
         return tasks or [ReadTask(lambda: iter(()), BlockMetadata(num_rows=0, size_bytes=None, exec_stats=None, input_files=()))]
 

@@ -11,7 +11,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from pipeline.rows import from_block, to_block
+from pipeline.rows import has_pixels, map_samples
+from pipeline.sample import Sample
 
 _PIL_FORMAT = {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}
 
@@ -28,15 +29,19 @@ def encode_image(pixels: np.ndarray, fmt: str, quality: int) -> bytes:
 
 
 def encode_block(block: pa.Table, *, image_format: str, quality: int) -> pa.Table:
-    samples = from_block(block)
-    for s in samples:
-        out = s.outputs
-        if s.failure is not None or out.pixels is None:
-            continue
-        try:
-            out.image = encode_image(out.pixels, image_format, quality)
-            out.image_size = (int(out.pixels.shape[1]), int(out.pixels.shape[0]))
-            out.pixels = None
-        except Exception as e:  # noqa: BLE001 - a bad output is this sample's error
-            s.fail("encode", type(e).__name__, str(e))
-    return to_block(samples)
+    if not has_pixels(block):  # embeddings or texts only: nothing to encode
+        return block
+
+    def encode(samples: list[Sample]) -> None:
+        for s in samples:
+            out = s.outputs
+            if s.failure is not None or out.pixels is None:
+                continue
+            try:
+                out.image = encode_image(out.pixels, image_format, quality)
+                out.image_size = (int(out.pixels.shape[1]), int(out.pixels.shape[0]))
+                out.pixels = None
+            except Exception as e:  # noqa: BLE001 - a bad output is this sample's error
+                s.fail("encode", type(e).__name__, str(e))
+
+    return map_samples(block, encode)

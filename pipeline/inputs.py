@@ -18,8 +18,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.policy import FetchPolicy
 from pipeline.retry import is_transient, with_retries
-from pipeline.rows import from_block, to_block
-from pipeline.sample import RowError
+from pipeline.rows import map_samples
+from pipeline.sample import RowError, Sample
 from pipeline.storage import filesystem, redact
 
 MAX_INPUT_PIXELS = 64 * 1024 * 1024  # decoded size; a larger header is a decompression bomb
@@ -117,7 +117,6 @@ def decode_image(data: bytes | None, mode: str = "RGB") -> Image.Image:
 
 def fetch_block(block: pa.Table, *, policy: FetchPolicy) -> pa.Table:
     """The fetch step: every sample's inputs as bytes (samples of one row share a fetch)."""
-    samples = from_block(block)
     cache: dict[Any, bytes] = {}
 
     def one(value: Any) -> bytes:
@@ -127,11 +126,13 @@ def fetch_block(block: pa.Table, *, policy: FetchPolicy) -> pa.Table:
             return cache[value]
         return fetch(value, policy)
 
-    for s in samples:
-        if s.failure is not None:
-            continue
-        try:
-            s.inputs = {k: [one(x) for x in v] if isinstance(v, list) else one(v) for k, v in s.inputs.items()}
-        except RowError as e:
-            s.fail("fetch", e.kind, str(e), e.retryable)
-    return to_block(samples)
+    def fetch_all(samples: list[Sample]) -> None:
+        for s in samples:
+            if s.failure is not None:
+                continue
+            try:
+                s.inputs = {k: [one(x) for x in v] if isinstance(v, list) else one(v) for k, v in s.inputs.items()}
+            except RowError as e:
+                s.fail("fetch", e.kind, str(e), e.retryable)
+
+    return map_samples(block, fetch_all)

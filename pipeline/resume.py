@@ -44,9 +44,11 @@ class Commit:
     result: ShardResult
 
 
-# the log as one table, a row per committed sample: what resume needs of each
-LOG_SCHEMA = pa.schema([("shard", pa.string()), ("key", pa.uint64()), ("status", pa.string()), ("covers", pa.int32()),
-                        ("file", pa.string()), ("row", pa.int64())])
+# the log as one table, a row per committed sample: what resume needs of each (the strings
+# dictionary-encoded: 10^7 pairs stay well under a gigabyte)
+_TEXT = pa.dictionary(pa.int32(), pa.string())
+LOG_SCHEMA = pa.schema([("shard", _TEXT), ("key", pa.uint64()), ("status", _TEXT), ("covers", pa.int32()),
+                        ("file", _TEXT), ("row", pa.int64())])
 
 
 @dataclass(frozen=True)
@@ -98,9 +100,10 @@ def _log_rows(shard: str, t: pa.Table) -> pa.Table:
     n = t.num_rows
     key = t.column("key") if "key" in names else pa.array(pair_hashes(t.column("id"), t.column("sample_index")), pa.uint64())
     return pa.table({
-        "shard": pa.array([shard] * n, pa.string()), "key": key, "status": t.column("status"),
+        "shard": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([shard])), "key": key,
+        "status": t.column("status").cast(_TEXT),
         "covers": t.column("covers") if "covers" in names else pa.array(np.ones(n, np.int32)),
-        "file": t.column("file") if "file" in names else pa.nulls(n, pa.string()),
+        "file": (t.column("file") if "file" in names else pa.nulls(n, pa.string())).cast(_TEXT),
         "row": t.column("row") if "row" in names else pa.nulls(n, pa.int64()),
     }, schema=LOG_SCHEMA)
 

@@ -18,7 +18,7 @@ import pyarrow as pa
 from pipeline.families import get_family
 from pipeline.family import StageContext
 from pipeline.retry import is_transient
-from pipeline.rows import from_block, to_block
+from pipeline.rows import map_samples
 from pipeline.sample import Result, RowError, Sample
 from pipeline.storage import redact
 
@@ -92,11 +92,13 @@ class StageGroup:
     sharing the actor (and its GPUs), run in order.
     stages: (name, context, keep_inputs: a later stage still reads Sample.inputs)."""
 
-    def __init__(self, family: str, stages: list[tuple[str, StageContext, bool]], attempts: int = 3):
+    def __init__(self, family: str, stages: list[tuple[str, StageContext, bool]], attempts: int = 3, pack: int = 0):
         self.runners = [StageRunner(family, name, ctx, keep_inputs=keep, attempts=attempts) for name, ctx, keep in stages]
+        self.pack = pack  # the last group packs its output for the steps after the models (0: keep the packing)
 
     def __call__(self, block: pa.Table) -> pa.Table:
-        samples = from_block(block)
+        return map_samples(block, self.run, self.pack)
+
+    def run(self, samples: list[Sample]) -> None:
         for runner in self.runners:
             runner.run(samples)
-        return to_block(samples)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -88,6 +90,35 @@ def manifest_rows(table: pa.Table) -> list[dict[str, Any]]:
         if cols:
             row["__bad_utf8"] = cols
     return rows
+
+
+@dataclass(frozen=True)
+class ExpandConfig:
+    """What validation needs, shipped to every read task (Ray puts it in the object store once)."""
+
+    family: str
+    job_seed: int
+    sampler: dict[str, dict]
+    max_prompt_chars: int
+    duplicates: dict[int, int]
+    committed: KeySet
+    extras: dict[str, str]
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)  # one job's config: its Expand is built once per worker
+
+
+_EXPANDERS: dict[str, Expand] = {}
+
+
+def expand_block(table: pa.Table, *, config: ExpandConfig) -> pa.Table:
+    """The batch function of the read tasks (fused with the read: no hop, as many in
+    parallel as there are read tasks); the Expand is built once per worker and job."""
+    expand = _EXPANDERS.get(config.token)
+    if expand is None:
+        _EXPANDERS.clear()  # a worker serves one job at a time: drop the last one's key set
+        expand = _EXPANDERS[config.token] = Expand(config.family, job_seed=config.job_seed, sampler=config.sampler,
+                                                   max_prompt_chars=config.max_prompt_chars, duplicates=config.duplicates,
+                                                   committed=config.committed, extras=config.extras)
+    return expand(table)
 
 
 class Expand:

@@ -52,8 +52,8 @@ def scramble_data_pages(path: Path) -> None:
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def test_rerun_with_nothing_to_do_starts_no_ray(ray_cluster, tmp_path):
-    manifest = write(tmp_path / "m" / "part-0.parquet", rows("a", 6), row_group_size=4)
+def test_rerun_with_nothing_to_do_starts_no_ray_and_the_index_reads_as_the_records(ray_cluster, tmp_path):
+    manifest = write(tmp_path / "m" / "part-0.parquet", rows("a", 6) + [{"id": "bad", "prompt": "", "num_samples": 2}], row_group_size=4)
     out = tmp_path / "out"
     assert run_job(spec_for(manifest, out), interactive=False)["status"] == "completed"
     assert (out / INDEX_FILE).exists() and list((out / PLAN_DIR).iterdir())
@@ -64,13 +64,29 @@ def test_rerun_with_nothing_to_do_starts_no_ray(ray_cluster, tmp_path):
                           capture_output=True, text=True, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "_summary.json").read_text())
-    assert summary["status"] == "completed" and summary["committed"] == summary["expected"] == 12
+    assert summary["status"] == "completed" and summary["committed"] == summary["expected"] == 13
     assert summary["this_run"]["rows"] == 0
 
+    indexed = read_log(str(out))
+    assert indexed.unindexed == 0 and len(indexed.ok) == 12 and len(indexed.errors) == 1
+    assert np.array_equal(indexed.ok.hashes, np.unique(pair_hashes([f"a{i:03d}" for i in range(6) for _ in (0, 1)], [0, 1] * 6)))
+    (out / INDEX_FILE).unlink()
+    # records as written before the key/file/row columns: keys hashed from id and sample_index
+    for p in list_commits(str(out)):
+        t = pq.read_table(p)
+        pq.write_table(t.drop_columns(["key", "file", "row"]).replace_schema_metadata(t.schema.metadata), p)
+    plain = read_log(str(out))
+    assert plain.unindexed == len(indexed.commits)
+    for name in ("ok", "errors", "retry"):
+        assert np.array_equal(getattr(plain, name).hashes, getattr(indexed, name).hashes)
+    assert [c.result for c in plain.commits] == [c.result for c in indexed.commits]
 
-def test_a_resumed_run_reads_only_what_is_left(ray_cluster, tmp_path):
+
+def test_resumed_and_nightly_runs_read_only_what_is_left(ray_cluster, tmp_path):
     """Night 1 makes files 0 and 1; their data pages are then made unreadable (footers intact,
-    same size and mtime), and night 2 adds file 2: it must complete without reading 0 or 1."""
+    same size and mtime), and night 2 adds file 2: it must complete without reading 0 or 1.
+    Then one of file 2's shards is forgotten (a crash before its record): only the row groups
+    holding its pairs are read again."""
     m = tmp_path / "m"
     old = [write(m / "part-0.parquet", rows("a", 10), row_group_size=3), write(m / "part-1.parquet", rows("b", 5), row_group_size=5)]
     out = tmp_path / "out"
@@ -78,32 +94,24 @@ def test_a_resumed_run_reads_only_what_is_left(ray_cluster, tmp_path):
     assert first["status"] == "completed" and first["committed"] == 30
     for p in old:
         scramble_data_pages(p)
-    write(m / "part-2.parquet", rows("c", 4), row_group_size=2)
+    new = write(m / "part-2.parquet", rows("c", 9), row_group_size=3)
     second = run_job(spec_for(m, out), interactive=False)
-    assert second["status"] == "completed" and second["committed"] == second["expected"] == 38
-    assert second["this_run"]["rows"] == 8
-    assert committed_keys(out) == {(f"{p}{i:03d}", s) for p, n in (("a", 10), ("b", 5), ("c", 4)) for i in range(n) for s in (0, 1)}
+    assert second["status"] == "completed" and second["committed"] == second["expected"] == 48
+    assert second["this_run"]["rows"] == 18
+    want = {(f"{p}{i:03d}", s) for p, n in (("a", 10), ("b", 5), ("c", 9)) for i in range(n) for s in (0, 1)}
+    assert committed_keys(out) == want
 
-
-def test_partly_done_row_groups_are_read_and_finished(ray_cluster, tmp_path):
-    """A row group with one pair left is read again; the ones done are not (made unreadable)."""
-    path = write(tmp_path / "m.parquet", rows("a", 9), row_group_size=3)
-    out = tmp_path / "out"
-    run_job(spec_for(path, out), interactive=False)
-    # forget one shard's commit (as a crash before its record would): its pairs are left to do
-    log = read_log(str(out))
-    victim = log.commits[0].name
-    left = {(r["id"], r["sample_index"]) for r in pq.read_table(out / "_commits" / f"{victim}.parquet").to_pylist()}
-    (out / "_commits" / f"{victim}.parquet").unlink()
+    victim = next(p for p in list_commits(str(out)) if pq.read_table(p, columns=["id"]).column("id")[0].as_py().startswith("c"))
+    left = {(r["id"], r["sample_index"]) for r in pq.read_table(victim, columns=["id", "sample_index"]).to_pylist()}
+    Path(victim).unlink()
     (out / INDEX_FILE).unlink()
-    groups = {int(k[0][1:]) // 3 for k in left}
-    manifest = open_manifest(str(path))
-    f = manifest.files[0]
+    manifest = open_manifest(str(m))
+    f = next(f for f in manifest.files if f.path == str(new))
     skip = read_log(str(out)).complete_groups(f.identity, make_plan(manifest, str(out)).group_pairs[f.identity], f.group_starts())
-    assert skip == frozenset({0, 1, 2} - groups)
-    result = run_job(spec_for(path, out), interactive=False)
-    assert result["status"] == "completed" and result["this_run"]["rows"] == len(left)
-    assert committed_keys(out) == {(f"a{i:03d}", s) for i in range(9) for s in (0, 1)}
+    assert skip == frozenset({0, 1, 2} - {int(k[0][1:]) // 3 for k in left})
+    third = run_job(spec_for(m, out), interactive=False)
+    assert third["status"] == "completed" and third["this_run"]["rows"] == len(left)
+    assert committed_keys(out) == want
 
 
 def test_the_plan_cache_is_used_only_for_the_same_file(tmp_path):
@@ -119,23 +127,3 @@ def test_the_plan_cache_is_used_only_for_the_same_file(tmp_path):
     write(path, rows("a", 3), row_group_size=2)  # rewritten: a new identity, read again
     changed = make_plan(open_manifest(str(path)), str(out))
     assert len(changed.new_files) == 1 and changed.expected_pairs == 6 and changed.duplicates == {}
-
-
-def test_index_and_records_read_back_the_same_log(ray_cluster, tmp_path):
-    path = write(tmp_path / "m.parquet", rows("a", 7) + [{"id": "bad", "prompt": "", "num_samples": 2}], row_group_size=4)
-    out = tmp_path / "out"
-    run_job(spec_for(path, out), interactive=False)
-    indexed = read_log(str(out))
-    assert indexed.unindexed == 0
-    (out / INDEX_FILE).unlink()
-    # records as written before the key/file/row columns: keys hashed from id and sample_index
-    for p in list_commits(str(out)):
-        t = pq.read_table(p)
-        pq.write_table(t.drop_columns(["key", "file", "row"]).replace_schema_metadata(t.schema.metadata), p)
-    plain = read_log(str(out))
-    assert plain.unindexed == len(indexed.commits)
-    for name in ("ok", "errors", "retry"):
-        assert np.array_equal(getattr(plain, name).hashes, getattr(indexed, name).hashes)
-    assert len(indexed.ok) == 14 and len(indexed.errors) == 1
-    assert np.array_equal(indexed.ok.hashes, np.unique(pair_hashes([f"a{i:03d}" for i in range(7) for _ in (0, 1)], [0, 1] * 7)))
-    assert [c.result for c in plain.commits] == [c.result for c in indexed.commits]
