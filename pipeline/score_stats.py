@@ -3,7 +3,8 @@
 Each shard's commit stats carry, per score, its count, sum, min, max and counts in
 100 equal bins over the score's range (a few hundred bytes), so the summary and
 `genfleet status` describe every committed image without reading images/: count, mean,
-min and max exactly, quantiles to within one bin (one point of clip_score).
+min and max exactly, quantiles (numpy's default definition) to within one bin: one point of
+clip_score.
 """
 
 from __future__ import annotations
@@ -38,16 +39,29 @@ def merge(into: dict[str, dict], other: dict[str, dict]) -> None:
         have["bins"] = [a + b for a, b in zip(have["bins"], s["bins"])]
 
 
-def quantile(name: str, s: dict, q: float) -> float:
-    """Linear within the bin where the q-th share of the values falls, kept within [min, max]."""
+def _order_stat(name: str, s: dict, k: int) -> float:
+    """The k-th smallest value (0-based): exact at the ends, else placed within its bin."""
+    if k <= 0:
+        return s["min"]
+    if k >= s["n"] - 1:
+        return s["max"]
     lo, hi = BOUNDS[name]
     width = (hi - lo) / BINS
-    target, seen = q * s["n"], 0
-    for k, c in enumerate(s["bins"]):
-        if c and seen + c >= target:
-            return min(max(lo + width * (k + (target - seen) / c), s["min"]), s["max"])
+    seen = 0
+    for b, c in enumerate(s["bins"]):
+        if seen + c > k:
+            return min(max(lo + width * (b + (k - seen + 0.5) / c), s["min"]), s["max"])
         seen += c
     return s["max"]
+
+
+def quantile(name: str, s: dict, q: float) -> float:
+    """numpy's default (linear between the order statistics around (n - 1) * q), with each order
+    statistic known to within its bin: so within one bin of the exact quantile."""
+    h = (s["n"] - 1) * q
+    k = math.floor(h)
+    below = _order_stat(name, s, k)
+    return below if k + 1 >= s["n"] else below + (h - k) * (_order_stat(name, s, k + 1) - below)
 
 
 def describe(stats: dict[str, dict]) -> dict[str, dict]:
@@ -56,6 +70,6 @@ def describe(stats: dict[str, dict]) -> dict[str, dict]:
     for name, s in sorted(stats.items()):
         if not s.get("n"):
             continue
-        qs = {f"p{round(q * 100):02d}": round(quantile(name, s, q), 2) for q in QUANTILES}
+        qs = {f"p{round(q * 100):02d}": round(quantile(name, s, q), 3) for q in QUANTILES}
         out[name] = {"count": s["n"], "mean": round(s["sum"] / s["n"], 3), "min": round(s["min"], 3), **qs, "max": round(s["max"], 3)}
     return out
