@@ -142,7 +142,7 @@ def test_a_job_with_scores_clip_writes_the_column(ray_cluster, clip_dir, tmp_pat
     from datasets import load_dataset
 
     ds = load_dataset("parquet", data_files=str(out / "images" / "*.parquet"), split="train", cache_dir=str(tmp_path / "hf"))
-    kept = ds.filter(lambda r: r["clip_score"] is not None and r["clip_score"] >= threshold)
+    kept = ds.filter(lambda r: (r["clip_score"] or 0) >= threshold)
     assert sorted(kept["id"]) == sorted(good["id"].to_pylist())
 
     # another scorer is another job; a job without scores keeps its fingerprint
