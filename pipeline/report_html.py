@@ -89,6 +89,8 @@ def settings_section(d: ReportData) -> str:
     rows.append(["sampler", _json(fp.get("sampler") or {})])
     stages = [[f"<code>{esc(name)}</code>", esc(p.get("device")), esc(p.get("dtype")), _json(p.get("options") or {})]
               for name, p in (fp.get("stages") or {}).items()]
+    stages += [[f"<code>score</code> ({esc(name)})", esc(p.get("device")), esc(p.get("dtype")), _json({"model fingerprint": p.get("model")})]
+               for name, p in (fp.get("scores") or {}).items()]  # the job's score stage (scores: in the spec)
     return (f'<h2>Job</h2>{_table(["setting", "value"], rows)}<h3>Stages and placement</h3>'
             f'{_table(["stage", "device", "dtype", "options"], stages)}')
 

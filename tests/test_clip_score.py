@@ -131,6 +131,7 @@ def test_a_job_with_scores_clip_writes_the_column(ray_cluster, clip_dir, tmp_pat
 
     html = render(gather(str(out)))
     assert 'id="clip-score"' in html and 'id="clip-score-stats"' in html and f"<td class=\"num\">{stats['mean']}</td>" in html
+    assert "<td><code>score</code> (clip)</td><td>cpu</td><td>float32</td>" in html  # the stage's placement
 
     # the README's one-line filters
     import pyarrow.compute as pc
