@@ -1,7 +1,8 @@
 """Distribution of a bounded score (clip_score, 0 to 100) that merges across shards.
 
 Each shard's commit stats carry, per score, its count, sum, min, max and counts in
-100 equal bins over the score's range (a few hundred bytes), so the summary and
+100 equal bins over the score's range (only the bins it has: a few hundred bytes, in every
+commit record and the commit index), so the summary and
 `genfleet status` describe every committed image without reading images/: count, mean,
 min and max exactly, quantiles (numpy's default definition) to within one bin: one point of
 clip_score.
@@ -19,9 +20,10 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 def stats_of(name: str, values: list[float]) -> dict:
     lo, hi = BOUNDS[name]
     width = (hi - lo) / BINS
-    bins = [0] * BINS
+    bins: dict[str, int] = {}  # bin number (a string: the stats travel as JSON) -> count
     for v in values:
-        bins[min(max(int((v - lo) / width), 0), BINS - 1)] += 1
+        b = str(min(max(int((v - lo) / width), 0), BINS - 1))
+        bins[b] = bins.get(b, 0) + 1
     return {"n": len(values), "sum": math.fsum(values), "min": min(values), "max": max(values), "bins": bins}
 
 
@@ -31,12 +33,13 @@ def merge(into: dict[str, dict], other: dict[str, dict]) -> None:
             continue
         have = into.get(name)
         if not have:
-            into[name] = {**s, "bins": list(s["bins"])}
+            into[name] = {**s, "bins": dict(s["bins"])}
             continue
         have["n"] += s["n"]
         have["sum"] += s["sum"]
         have["min"], have["max"] = min(have["min"], s["min"]), max(have["max"], s["max"])
-        have["bins"] = [a + b for a, b in zip(have["bins"], s["bins"])]
+        for b, c in s["bins"].items():
+            have["bins"][b] = have["bins"].get(b, 0) + c
 
 
 def _order_stat(name: str, s: dict, k: int) -> float:
@@ -48,7 +51,7 @@ def _order_stat(name: str, s: dict, k: int) -> float:
     lo, hi = BOUNDS[name]
     width = (hi - lo) / BINS
     seen = 0
-    for b, c in enumerate(s["bins"]):
+    for b, c in sorted((int(b), c) for b, c in s["bins"].items()):
         if seen + c > k:
             return min(max(lo + width * (b + (k - seen + 0.5) / c), s["min"]), s["max"])
         seen += c
