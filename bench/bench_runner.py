@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.synthetic_family import build_render  # noqa: E402
 from pipeline.family import StageContext  # noqa: E402
-from pipeline.resume import list_commits, read_results  # noqa: E402
+from pipeline.resume import read_results  # noqa: E402
 from pipeline.sample import Sample  # noqa: E402
 from pipeline.spec import load_spec  # noqa: E402
 
@@ -60,7 +60,7 @@ def job(rows: int, batch: int, matmuls: int, device: str, workdir: Path) -> tupl
     start = time.time()
     result = run_job(spec, interactive=False)
     wall = time.time() - start
-    commits = sorted(read_results(str(out), list_commits(str(out))), key=lambda c: c.result.committed_at)
+    commits = sorted(read_results(str(out)), key=lambda c: c.result.committed_at)
     t0, t1 = commits[0].result.committed_at, commits[-1].result.committed_at
     steady_rows = sum(c.result.rows for c in commits[1:])
     steady = steady_rows / (t1 - t0) if t1 > t0 else float("nan")

@@ -34,11 +34,11 @@ from pipeline.inputs import fetch_block
 from pipeline.lease import Heartbeat, acquire
 from pipeline.manifest import Manifest, open_manifest, output_names
 from pipeline.outcome import JobIncomplete, JobStopped
-from pipeline.plan import Plan, make_plan
+from pipeline.plan import Plan, make_plan, save_cache
 from pipeline.policy import FetchPolicy
 from pipeline.report import Progress, Tally, summary, write_summary
 from pipeline.report_html import write_report_after_run
-from pipeline.resume import CommitLog, check_output
+from pipeline.resume import CommitLog, check_output, write_index
 from pipeline.sample import RowError
 from pipeline.scoring import STAGE as SCORE_STAGE
 from pipeline.scoring import ScoreStage, check_scores, score_columns, score_context
@@ -78,6 +78,7 @@ class Job:
     fingerprint: dict
     sink: SinkConfig
     extras: dict[str, str]  # manifest column -> output column
+    skip: dict[str, frozenset[int]]  # manifest file identity -> row groups with nothing left to do
     score: GroupPlan | None = None  # the job's score stage (scores: in the spec), after the family's last
 
 
@@ -221,7 +222,7 @@ def prepare(spec: JobSpec, *, new_run: bool = False) -> Job:
     inputs = {inp.name: inp.many for t in family.tasks.values() for inp in t.inputs}
     manifest = open_manifest(spec.manifest, inputs)
     extras = output_names(manifest.extra_columns, set(OUTPUT_COLUMNS) | set(family.scores) | set(score_columns(spec)))
-    plan = make_plan(manifest)
+    plan = make_plan(manifest, None if new_run else spec.output)
     groups = plan_groups(spec, stages)
     placement = {name: {"device": ctx.device, "dtype": ctx.dtype, "options": ctx.options} for g in groups for name, ctx, _ in g.stages}
     fingerprint = spec.output_fingerprint(family.model_fingerprint(spec.model), placement, scores)
@@ -229,11 +230,16 @@ def prepare(spec: JobSpec, *, new_run: bool = False) -> Job:
     sink = SinkConfig(output=spec.output, family=family.name, model=family.model_name(spec.model),
                       image_format=spec.output_options.image_format, webdataset=spec.output_options.webdataset,
                       extra_schema=pa.schema([pa.field(extras[n], manifest.schema.field(n).type) for n in manifest.extra_columns]),
-                      scores={**family.scores, **score_columns(spec)})
+                      scores={**family.scores, **score_columns(spec)}, files=tuple((f.identity, f.first_ordinal) for f in manifest.files))
     c = spec.scores.clip
     score = GroupPlan([(SCORE_STAGE, score_context(c), False)], StageConfig(replicas=c.replicas), c.num_gpus, c.num_cpus,
                       c.batch_size) if c else None
-    return Job(spec, family, groups, manifest, plan, commit_log, fingerprint, sink, extras, score)
+    return Job(spec, family, groups, manifest, plan, commit_log, fingerprint, sink, extras, {}, score)
+
+
+def _skip_groups(job: Job, retry_errors: bool) -> dict[str, frozenset[int]]:
+    return {f.identity: job.log.complete_groups(f.identity, job.plan.group_pairs[f.identity], f.group_starts(), retry_errors)
+            for f in job.manifest.files}
 
 
 def check_resources(groups: list[GroupPlan]) -> None:
@@ -254,7 +260,7 @@ def _pool(replicas) -> ActorPoolStrategy:
 
 def build_dataset(job: Job, done):
     spec = job.spec
-    ds = ray.data.read_datasource(ManifestDatasource(job.manifest))
+    ds = ray.data.read_datasource(ManifestDatasource(job.manifest, job.skip))
     expand = dict(family=spec.family, job_seed=spec.seed, sampler=spec.sampler, max_prompt_chars=spec.max_prompt_chars,
                   duplicates=job.plan.duplicates, committed=done, extras=job.extras)
     ds = ds.map_batches(Expand, fn_constructor_kwargs=expand, batch_format="pyarrow", compute=ActorPoolStrategy(size=1), num_cpus=0.25)
@@ -285,8 +291,11 @@ def run_job(spec: JobSpec, *, new_run: bool = False, retry_errors: bool = False,
     if not new_run and not len(job.log.retry) and before.pairs >= job.plan.expected_pairs and not (retry_errors and before.errors):
         result = summary(before, Tally(), expected=job.plan.expected_pairs, started_at=started, status="completed")
         write_summary(spec.output, result)  # nothing to do: no Ray, no model
+        save_cache(spec.output, job.plan)
+        write_index(spec.output, job.log)
         write_report_after_run(spec.output)
         return result
+    job = dataclasses.replace(job, skip={} if new_run else _skip_groups(job, retry_errors))
     lease = acquire(spec.output, takeover=takeover)  # one writer per OUTPUT, before anything starts
     job = dataclasses.replace(job, sink=dataclasses.replace(job.sink, lease_owner=lease.owner))
     with Heartbeat(spec.output, lease) as heartbeat:
@@ -308,7 +317,7 @@ def _execute(job: Job, new_run: bool, retry_errors: bool, started: float, intera
     check_resources(job.groups + ([job.score] if job.score else []))
     done = job.log.done(retry_errors)
     ds = build_dataset(job, done)
-    run = RunRecord(job.fingerprint, spec.manifest, job.plan.expected_pairs, new_run, retry_errors, job.log, started)
+    run = RunRecord(job.fingerprint, spec.manifest, job.plan.expected_pairs, new_run, retry_errors, job.log, started, job.plan)
     sink = OutputDatasink(job.sink, run)
     guard = ErrorRateGuard(spec.errors.max_rate, spec.errors.window)
     progress: Progress | None = None

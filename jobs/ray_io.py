@@ -16,31 +16,37 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasink, Datasource, ReadTask, WriteResult
 
 from pipeline.manifest import Manifest, ManifestFile, read_file_rows
+from pipeline.plan import Plan, save_cache
 from pipeline.report import Tally, summary, write_summary
-from pipeline.resume import CommitLog, begin_run
+from pipeline.resume import CommitLog, begin_run, read_log, write_index
 from pipeline.rows import from_block
 from pipeline.sink import ShardResult, SinkConfig, write_shard
 
 
 class ManifestDatasource(Datasource):
-    """One read task per manifest file, streamed in batches with row ordinals."""
+    """One read task per manifest file with work left, streamed in batches with row
+    ordinals; `skip`: file identity -> its row groups with nothing left to do (not read)."""
 
-    def __init__(self, manifest: Manifest):
+    def __init__(self, manifest: Manifest, skip: dict[str, frozenset[int]] | None = None):
         super().__init__()
-        self.manifest = manifest
+        self.manifest, self.skip = manifest, skip or {}
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
-        def read(url: str, f: ManifestFile):
-            return lambda: read_file_rows(url, f)
+        def read(url: str, f: ManifestFile, skip: frozenset[int]):
+            return lambda: read_file_rows(url, f, skip_groups=skip)
 
-        return [
-            ReadTask(read(self.manifest.url_of(f), f),
-                     BlockMetadata(num_rows=f.num_rows, size_bytes=None, exec_stats=None, input_files=(f.path,)))
-            for f in self.manifest.files
-        ]
+        tasks = []
+        for f in self.manifest.files:
+            skip = self.skip.get(f.identity, frozenset())
+            rows = sum(n for g, n in enumerate(f.row_groups) if g not in skip)
+            if rows:
+                tasks.append(ReadTask(read(self.manifest.url_of(f), f, skip),
+                                      BlockMetadata(num_rows=rows, size_bytes=None, exec_stats=None, input_files=(f.path,))))
+        # every row group done but the run still has work (pairs it can only find by id): one empty task
+        return tasks or [ReadTask(lambda: iter(()), BlockMetadata(num_rows=0, size_bytes=None, exec_stats=None, input_files=()))]
 
     def get_name(self) -> str:
         return "Manifest"
@@ -57,6 +63,7 @@ class RunRecord:
     retry_errors: bool
     log: CommitLog
     started_at: float
+    plan: Plan | None = None  # its newly read files are cached when the run starts
 
 
 class OutputDatasink(Datasink[ShardResult | None]):
@@ -77,6 +84,8 @@ class OutputDatasink(Datasink[ShardResult | None]):
         commits = begin_run(self.cfg.output, r.fingerprint, manifest=r.manifest, expected_pairs=r.expected_pairs,
                             new_run=r.new_run, retry_errors=r.retry_errors, log=r.log)
         self.before = Tally.of(c.result for c in commits)
+        if r.plan is not None:
+            save_cache(self.cfg.output, r.plan)
 
     def write(self, blocks, ctx) -> ShardResult | None:
         rows = [s for block in blocks for s in from_block(pa.table(block) if isinstance(block, dict) else block)]
@@ -89,6 +98,7 @@ class OutputDatasink(Datasink[ShardResult | None]):
         if data["missing"]:
             data["status"] = "incomplete"
         write_summary(self.cfg.output, data)
+        write_index(self.cfg.output, read_log(self.cfg.output))  # the next start reads one file, not one per shard
         self.result = data
 
     def on_write_failed(self, error: Exception) -> None:

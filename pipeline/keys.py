@@ -13,18 +13,30 @@ from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 
-def id_hashes(ids: Iterable[str | None]) -> np.ndarray:
-    arr = np.array(["" if i is None else i for i in ids], dtype=object)
-    return pd.util.hash_array(arr, categorize=False).astype(np.uint64)
-
-
-def pair_hashes(ids: Iterable[str], sample_indices: Iterable[int]) -> np.ndarray:
-    arr = np.array([f"{i}\x1f{s}" for i, s in zip(ids, sample_indices)], dtype=object)
-    if len(arr) == 0:
+def _siphash(strings: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    if len(strings) == 0:
         return np.zeros(0, np.uint64)
-    return pd.util.hash_array(arr, categorize=False).astype(np.uint64)
+    # Arrow -> an object array of str in C, then pandas' SipHash over it: no per-row Python
+    return pd.util.hash_array(strings.to_numpy(zero_copy_only=False), categorize=False).astype(np.uint64)
+
+
+def _arrow(values, type_: pa.DataType) -> pa.Array | pa.ChunkedArray:
+    return values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(list(values), type_)
+
+
+def id_hashes(ids: Iterable[str | None] | pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """One key per manifest id (a null id hashes as "")."""
+    return _siphash(pc.fill_null(_arrow(ids, pa.string()), ""))
+
+
+def pair_hashes(ids: Iterable[str] | pa.Array | pa.ChunkedArray, sample_indices: Iterable[int] | pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """One key per (id, sample_index): the hash of f"{id}\x1f{sample_index}"."""
+    ids, indices = _arrow(ids, pa.string()), _arrow(sample_indices, pa.int64())
+    return _siphash(pc.binary_join_element_wise(ids, pc.cast(indices, pa.string()), "\x1f"))
 
 
 class KeySet:

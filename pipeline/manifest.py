@@ -8,9 +8,12 @@ ordinal (file order is sorted, so ordinals are stable across runs).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -63,6 +66,11 @@ class ManifestFile:
     num_rows: int
     row_groups: tuple[int, ...]  # rows per row group
     first_ordinal: int
+    identity: str = ""  # its path below the manifest root, size and version: changes when the file does
+
+    def group_starts(self) -> np.ndarray:
+        """Each row group's first row, within the file."""
+        return np.cumsum((0, *self.row_groups[:-1]), dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -93,20 +101,36 @@ def _hidden(path: str, root: str) -> bool:
     return any(part.startswith(("_", ".")) for part in rel.split("/") if part)
 
 
-def _list_files(url: str):
+def _version(info: dict) -> str:
+    """What changes when a file is rewritten: an object store's ETag, else the mtime."""
+    for name in ("ETag", "etag", "mtime", "LastModified", "last_modified", "updated", "created"):
+        if info.get(name) is not None:
+            return str(info[name])
+    return ""
+
+
+def file_identity(rel: str, info: dict) -> str:
+    return hashlib.blake2b(f"{rel}\x1f{info.get('size')}\x1f{_version(info)}".encode(), digest_size=8).hexdigest()
+
+
+def _list_files(url: str) -> tuple[fsspec.AbstractFileSystem, str, dict[str, dict]]:
+    """The manifest's data files (path -> fsspec info, sorted) and the root they sit under."""
     fs, path = filesystem(url)
     if any(c in path for c in "*?["):
         base = path[: min(path.index(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
-        files = sorted(p for p in fs.glob(path) if not _hidden(p, base))
+        found = fs.glob(path, detail=True)
+        files = {p: i for p, i in found.items() if i.get("type") != "directory" and not _hidden(p, base)}
     elif fs.isdir(path):
-        files = sorted(p for p in fs.find(path) if p.endswith(".parquet") and not _hidden(p, path))
+        base = path
+        files = {p: i for p, i in fs.find(path, detail=True).items() if p.endswith(".parquet") and not _hidden(p, path)}
     elif fs.exists(path):
-        files = [path]
+        base = path.rsplit("/", 1)[0]
+        files = {path: fs.info(path)}
     else:
         raise ManifestError(f"manifest {redact(url)}: no such file or directory")
     if not files:
         raise ManifestError(f"manifest {redact(url)}: no Parquet files found")
-    return fs, files
+    return fs, base, dict(sorted(files.items()))
 
 
 def _check_schema(where: str, schema: pa.Schema, types: dict) -> None:
@@ -127,10 +151,10 @@ def open_manifest(url: str, inputs: dict[str, bool] | None = None) -> Manifest:
     family's input columns, name -> True when the column holds a list of images."""
     inputs = inputs or {}
     types = {**RUNNER_COLUMNS, **{name: INPUT_LIST if many else INPUT for name, many in inputs.items()}}
-    fs, paths = _list_files(url)
+    fs, base, infos = _list_files(url)
     protocol = url.split("://", 1)[0] + "://" if "://" in url and not url.startswith("file://") else ""
     files, schemas, ordinal = [], [], 0
-    for p in paths:
+    for p, info in infos.items():
         where = redact(protocol + p)
         try:
             with fs.open(p, "rb") as fh:
@@ -140,7 +164,8 @@ def open_manifest(url: str, inputs: dict[str, bool] | None = None) -> Manifest:
             raise ManifestError(f"manifest file {where}: unreadable as Parquet ({type(e).__name__}: {redact(str(e))})") from None
         _check_schema(where, schema, types)
         groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
-        files.append(ManifestFile(p, meta.num_rows, groups, ordinal))
+        rel = p[len(base):].lstrip("/") if p.startswith(base) else p
+        files.append(ManifestFile(p, meta.num_rows, groups, ordinal, file_identity(rel, info)))
         schemas.append((where, schema))
         ordinal += meta.num_rows
     try:
@@ -164,21 +189,39 @@ def output_names(extras: list[str], reserved: set[str]) -> dict[str, str]:
     return names
 
 
-def read_file_rows(url: str, f: ManifestFile, columns: list[str] | None = None) -> Iterator[pa.Table]:
-    """Stream one manifest file as tables with an ORDINAL column, row group by row group; a
-    row group that cannot be read fails naming the file and the group."""
+def read_file_rows(url: str, f: ManifestFile, columns: list[str] | None = None,
+                   skip_groups: frozenset[int] = frozenset()) -> Iterator[pa.Table]:
+    """Stream one manifest file as tables with an ORDINAL column, row group by row group
+    (`skip_groups`: row groups a resumed run has nothing left to do in: never read); a row
+    group that cannot be read fails naming the file and the group."""
     fs, _ = filesystem(url)
-    ordinal = f.first_ordinal
+    starts = f.first_ordinal + f.group_starts()
     with fs.open(f.path, "rb") as fh:
         pf = pq.ParquetFile(fh)
         for group in range(pf.num_row_groups):
+            if group in skip_groups:
+                continue
             try:
                 batches = list(pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[group], columns=columns))
             except (OSError, pa.ArrowException) as e:
                 raise ManifestError(f"manifest file {redact(url)}: row group {group} is unreadable "
                                     f"({type(e).__name__}: {redact(str(e))[:300]})") from None
+            ordinal = int(starts[group])
             for batch in batches:
                 table = pa.Table.from_batches([batch])
                 n = table.num_rows
-                yield table.append_column(ORDINAL, pa.array(range(ordinal, ordinal + n), pa.int64()))
+                yield table.append_column(ORDINAL, pa.array(np.arange(ordinal, ordinal + n, dtype=np.int64)))
                 ordinal += n
+
+
+def read_group_columns(url: str, f: ManifestFile, columns: list[str]) -> Iterator[tuple[int, pa.Table]]:
+    """Whole row groups of a few columns (the plan's pass over the ids), with their index."""
+    fs, _ = filesystem(url)
+    with fs.open(f.path, "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        for group in range(pf.num_row_groups):
+            try:
+                yield group, pf.read_row_group(group, columns=columns)
+            except (OSError, pa.ArrowException) as e:
+                raise ManifestError(f"manifest file {redact(url)}: row group {group} is unreadable "
+                                    f"({type(e).__name__}: {redact(str(e))[:300]})") from None

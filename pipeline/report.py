@@ -8,7 +8,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from pipeline.resume import SUMMARY_FILE, NoJob, list_commits, read_job, read_log, read_results
+from pipeline.resume import SUMMARY_FILE, NoJob, read_job, read_log
 from pipeline.score_stats import describe
 from pipeline.score_stats import merge as merge_scores
 from pipeline.sink import ShardResult
@@ -110,10 +110,11 @@ def status(output: str) -> dict:
         finished = json.loads(fs.cat_file(join(root, SUMMARY_FILE)))
     except FileNotFoundError:
         finished = None
-    commits = read_results(output, list_commits(output))
+    log = read_log(output)
+    commits = log.commits
     t = Tally.of(c.result for c in commits)
     # a transient failure is pending until a later shard holds its pair: count exactly when any exist
-    pending = len(read_log(output).retry) if t.retryable else 0
+    pending = len(log.retry)
     run = job["runs"][-1]
     elapsed = (finished or {}).get("this_run", {}).get("wall_seconds") or (time.time() - run["started_at"])
     done_now = t.pairs - run["committed_before"]

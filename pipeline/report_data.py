@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.report import Tally, stage_throughput
-from pipeline.resume import SUMMARY_FILE, Commit, NoJob, list_commits, read_job, read_log, read_results
+from pipeline.resume import SUMMARY_FILE, Commit, NoJob, read_job, read_log
 from pipeline.score_stats import describe
 from pipeline.storage import filesystem, join, redact
 
@@ -234,9 +234,10 @@ def gather(output: str) -> ReportData:
         summary = json.loads(fs.cat_file(join(root, SUMMARY_FILE)))
     except FileNotFoundError:
         summary = None  # running, or killed before its end
-    commits = read_results(output, list_commits(output))
+    log = read_log(output)
+    commits = log.commits
     t = Tally.of(c.result for c in commits)
-    pending = len(read_log(output).retry) if t.retryable else 0  # pending until a later shard holds the pair
+    pending = len(log.retry)  # pending until a later shard holds the pair
     thumbs, thumb_shards, has_score = read_thumbs(output, commits)
     scores, score_read, score_total = read_clip_scores(output, commits) if has_score else ([], 0, 0)
     now = time.time()

@@ -13,10 +13,11 @@ from __future__ import annotations
 import io
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.keys import KeySet, pair_hashes
@@ -24,6 +25,7 @@ from pipeline.sink import COMMITS, DATASETS, STATS_KEY, ShardResult, _parquet_by
 from pipeline.storage import filesystem, join, redact, write_atomic
 
 JOB_FILE = "_job.json"
+INDEX_FILE = "_commits.index.parquet"  # the commit records folded into one file (a cache of _commits/)
 SUMMARY_FILE = "_summary.json"
 RETIRED = "retired_errors"  # permanent errors set aside by --retry-errors (history)
 
@@ -42,6 +44,11 @@ class Commit:
     result: ShardResult
 
 
+# the log as one table, a row per committed sample: what resume needs of each
+LOG_SCHEMA = pa.schema([("shard", pa.string()), ("key", pa.uint64()), ("status", pa.string()), ("covers", pa.int32()),
+                        ("file", pa.string()), ("row", pa.int64())])
+
+
 @dataclass(frozen=True)
 class CommitLog:
     """What the output's commit records hold."""
@@ -50,10 +57,25 @@ class CommitLog:
     ok: KeySet
     errors: KeySet  # permanent errors
     retry: KeySet  # transient failures not made since
+    table: pa.Table = field(default_factory=LOG_SCHEMA.empty_table)
+    unindexed: int = 0  # commit records read one by one (not in the index)
 
     def done(self, retry_errors: bool = False) -> KeySet:
         """The pairs a run skips: made, and (unless retried) permanently failed."""
         return self.ok if retry_errors else KeySet(np.concatenate([self.ok.hashes, self.errors.hashes]))
+
+    def complete_groups(self, file: str, group_pairs: np.ndarray, group_starts: np.ndarray, retry_errors: bool = False) -> frozenset[int]:
+        """The row groups of manifest file `file` (its identity) whose expected pairs are all
+        done: a resumed run need not read them."""
+        t = self.table
+        statuses = ["ok"] if retry_errors else ["ok", "error"]
+        mask = pc.and_(pc.equal(t.column("file"), file), pc.is_in(t.column("status"), pa.array(statuses)))
+        if not len(group_pairs) or not pc.any(mask).as_py():
+            return frozenset()
+        mine = t.filter(mask)
+        groups = np.searchsorted(group_starts, mine.column("row").to_numpy(), side="right") - 1
+        done = np.bincount(groups, weights=mine.column("covers").to_numpy(), minlength=len(group_pairs))
+        return frozenset(int(g) for g in np.flatnonzero(done >= group_pairs))
 
 
 def shard_of(path: str) -> str:
@@ -70,7 +92,20 @@ def list_commits(output: str) -> list[str]:
         return []
 
 
-def _read(output: str, paths: list[str], columns: list[str]) -> list[tuple[str, ShardResult, pa.Table]]:
+def _log_rows(shard: str, t: pa.Table) -> pa.Table:
+    """A commit record's rows in LOG_SCHEMA (records written before the key column: hashed here)."""
+    names = t.column_names
+    n = t.num_rows
+    key = t.column("key") if "key" in names else pa.array(pair_hashes(t.column("id"), t.column("sample_index")), pa.uint64())
+    return pa.table({
+        "shard": pa.array([shard] * n, pa.string()), "key": key, "status": t.column("status"),
+        "covers": t.column("covers") if "covers" in names else pa.array(np.ones(n, np.int32)),
+        "file": t.column("file") if "file" in names else pa.nulls(n, pa.string()),
+        "row": t.column("row") if "row" in names else pa.nulls(n, pa.int64()),
+    }, schema=LOG_SCHEMA)
+
+
+def _read(output: str, paths: list[str]) -> list[tuple[str, ShardResult, pa.Table]]:
     if not paths:
         return []
     fs, _ = filesystem(output)
@@ -79,28 +114,63 @@ def _read(output: str, paths: list[str], columns: list[str]) -> list[tuple[str, 
     for path in paths:
         f = pq.ParquetFile(io.BytesIO(blobs[path]))
         stats = json.loads(f.schema_arrow.metadata[STATS_KEY])
-        out.append((path, ShardResult.from_stats(stats), f.read(columns=columns)))
+        cols = [c for c in ("id", "sample_index", "key", "status", "covers", "file", "row") if c in f.schema_arrow.names]
+        out.append((path, ShardResult.from_stats(stats), _log_rows(shard_of(path), f.read(columns=cols))))
     return out
 
 
-def read_results(output: str, paths: list[str]) -> list[Commit]:
-    """The stats of commit records (read concurrently on object stores: fs.cat batches)."""
-    return [Commit(shard_of(p), r) for p, r, _ in _read(output, paths, [])]
+def _read_index(output: str) -> tuple[pa.Table, dict[str, ShardResult]]:
+    fs, root = filesystem(output)
+    try:
+        f = pq.ParquetFile(io.BytesIO(fs.cat_file(join(root, INDEX_FILE))))
+        stats = json.loads(f.schema_arrow.metadata[STATS_KEY])
+        return f.read().cast(LOG_SCHEMA), {name: ShardResult.from_stats(s) for name, s in stats.items()}
+    except (FileNotFoundError, OSError, KeyError, ValueError, pa.ArrowException):  # absent or damaged: read the records
+        return LOG_SCHEMA.empty_table(), {}
 
 
 def read_log(output: str) -> CommitLog:
-    keys: dict[str, list[np.ndarray]] = {"ok": [], "error": [], "retry": []}
-    commits = []
-    for path, result, table in _read(output, list_commits(output), ["id", "sample_index", "status"]):
-        commits.append(Commit(shard_of(path), result))
-        hashes = pair_hashes(table.column("id").to_pylist(), table.column("sample_index").to_pylist())
-        status = np.asarray(table.column("status").to_pylist(), dtype=object)
-        for name in keys:
-            keys[name].append(hashes[status == name])
-    sets = {k: KeySet(np.concatenate(v) if v else np.zeros(0, np.uint64)) for k, v in keys.items()}
-    done = np.concatenate([sets["ok"].hashes, sets["error"].hashes])
-    retry = sets["retry"].hashes[~KeySet(done).contains(sets["retry"].hashes)] if len(done) else sets["retry"].hashes
-    return CommitLog(commits, sets["ok"], sets["error"], KeySet(retry))
+    """The commit log: the index (one file) for the shards it holds, and each commit record
+    written since, read one by one."""
+    listed = {shard_of(p): p for p in list_commits(output)}
+    indexed, indexed_stats = _read_index(output)
+    in_index = [name for name in listed if name in indexed_stats]
+    if len(in_index) < len(indexed_stats):  # shards the index holds that are gone (a --new-run wiped them)
+        indexed = indexed.filter(pc.is_in(indexed.column("shard"), pa.array(in_index, pa.string())))
+    rest = _read(output, [p for name, p in listed.items() if name not in indexed_stats])
+    results = {**{name: indexed_stats[name] for name in in_index}, **{shard_of(p): r for p, r, _ in rest}}
+    commits = [Commit(name, results[name]) for name in sorted(results)]
+    table = pa.concat_tables([indexed, *(t for _, _, t in rest)]).combine_chunks()
+    key, status = table.column("key").to_numpy(), table.column("status")
+
+    def keys(name: str) -> np.ndarray:
+        return key[pc.equal(status, name).to_numpy(zero_copy_only=False)]
+
+    ok, errors = KeySet(keys("ok")), KeySet(keys("error"))
+    done = KeySet(np.concatenate([ok.hashes, errors.hashes]))
+    retry = keys("retry")
+    return CommitLog(commits, ok, errors, KeySet(retry[~done.contains(retry)]), table, unindexed=len(rest))
+
+
+def write_index(output: str, log: CommitLog) -> None:
+    """Fold the commit records into one index file, so that the next start reads one file
+    instead of one per shard. The records stay (they are the truth; the index a cache)."""
+    if not log.unindexed:
+        return
+    fs, root = filesystem(output)
+    stats = json.dumps({c.name: asdict(c.result) for c in log.commits}).encode()
+    write_atomic(fs, join(root, INDEX_FILE), _parquet_bytes(log.table, {STATS_KEY: stats}))
+
+
+def drop_index(output: str) -> None:
+    fs, root = filesystem(output)
+    if fs.exists(join(root, INDEX_FILE)):
+        fs.rm_file(join(root, INDEX_FILE))
+
+
+def read_results(output: str) -> list[Commit]:
+    """Each commit's stats."""
+    return read_log(output).commits
 
 
 def read_job(output: str) -> dict | None:
@@ -140,7 +210,7 @@ def wipe(output: str) -> None:
     for name in (*DATASETS, COMMITS, RETIRED):
         if fs.exists(join(root, name)):
             fs.rm(join(root, name), recursive=True)
-    for name in (JOB_FILE, SUMMARY_FILE):
+    for name in (JOB_FILE, SUMMARY_FILE, INDEX_FILE):
         if fs.exists(join(root, name)):
             fs.rm(join(root, name))
 
@@ -180,6 +250,8 @@ def retire_errors(output: str, commits: list[Commit]) -> list[Commit]:
     Per shard: copy errors/ to retired_errors/, rewrite the commit record with those keys
     as `retired` (not done), then drop errors/ (each step safe to repeat after a crash)."""
     fs, root = filesystem(output)
+    if any(c.result.errors for c in commits):
+        drop_index(output)  # the records it folded are about to change
     out = []
     for c in commits:
         if c.result.errors == 0:

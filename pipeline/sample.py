@@ -78,6 +78,7 @@ class Sample:
     outputs: Outputs = field(default_factory=Outputs)
     failure: Failure | None = None
     covers: int = 1  # manifest pairs this sample accounts for (a failed row stands for all its samples)
+    ordinal: int = -1  # the manifest row's position (files in order, rows in order)
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @property

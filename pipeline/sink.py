@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.keys import shard_name
+from pipeline.keys import pair_hashes, shard_name
 from pipeline.sample import Sample
 from pipeline.score_stats import BOUNDS, stats_of
 from pipeline.storage import filesystem, join, write_atomic
@@ -51,6 +51,8 @@ class SinkConfig:
     extra_schema: pa.Schema = field(default_factory=lambda: pa.schema([]))  # output names and types of the extras
     scores: dict[str, str] = field(default_factory=dict)  # score column -> "float" | "float32" | "bool"
     lease_owner: str | None = None  # commit only while this run holds the output's lease
+    # the manifest's files in order: (identity, first ordinal), so a commit says which file row each pair came from
+    files: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -233,6 +235,19 @@ def _result(name: str, rows: list[Sample]) -> ShardResult:
         score_stats={score: stats_of(score, values) for score, values in scored.items() if values})
 
 
+def _placement(rows: list[Sample], files: tuple[tuple[str, int], ...]) -> dict[str, pa.Array]:
+    """Which manifest file (its identity) and row each pair came from: a resumed run skips
+    the row groups whose pairs are all done without reading them."""
+    if not files:
+        return {"file": pa.nulls(len(rows), pa.string()), "row": pa.nulls(len(rows), pa.int64())}
+    ordinals = np.array([r.ordinal for r in rows], np.int64)
+    known = ordinals >= 0
+    starts = np.array([first for _, first in files], np.int64)
+    which = np.clip(np.searchsorted(starts, ordinals, side="right") - 1, 0, len(files) - 1)
+    names = np.array([identity for identity, _ in files], object)[which]
+    return {"file": pa.array(names, pa.string(), mask=~known), "row": pa.array(ordinals - starts[which], pa.int64(), mask=~known)}
+
+
 def write_shard(rows: list[Sample], cfg: SinkConfig) -> ShardResult | None:
     """Write one shard and, last, its commit record."""
     if not rows:
@@ -262,8 +277,11 @@ def write_shard(rows: list[Sample], cfg: SinkConfig) -> ShardResult | None:
         from pipeline.lease import check  # (imports resume, which imports this module)
 
         check(cfg.output, cfg.lease_owner)  # a taken-over output gets no commits from this run
-    commit = pa.table({**_keys(rows), "status": pa.array([status[r.key] for r in rows], pa.string()),
+    keys = _keys(rows)
+    commit = pa.table({**keys, "key": pa.array(pair_hashes(keys["id"], keys["sample_index"]), pa.uint64()),
+                       "status": pa.array([status[r.key] for r in rows], pa.string()),
                        "covers": pa.array([r.covers for r in rows], pa.int32()),
-                       "kind": pa.array([None if r.failure is None else r.failure.kind for r in rows], pa.string())})
+                       "kind": pa.array([None if r.failure is None else r.failure.kind for r in rows], pa.string()),
+                       **_placement(rows, cfg.files)})
     write_atomic(fs, join(root, COMMITS, f"{name}.parquet"), _parquet_bytes(commit, {STATS_KEY: json.dumps(asdict(result)).encode()}))
     return result

@@ -13,13 +13,15 @@ import json
 import math
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.families import get_family
 from pipeline.family import parse_params
 from pipeline.keys import KeySet, pair_hashes
 from pipeline.manifest import ORDINAL
-from pipeline.plan import MAX_SAMPLES_PER_ROW, samples_of
+from pipeline.plan import MAX_SAMPLES_PER_ROW, sample_counts, samples_of
 from pipeline.rows import to_block
 from pipeline.sample import RowError, Sample
 
@@ -134,27 +136,47 @@ class Expand:
         return {"task": task, "prompt": prompt, "negative_prompt": m.get("negative_prompt"), "width": width, "height": height,
                 "seed": self.job_seed if seed is None else seed, "params": params, "inputs": inputs, "num_samples": n}
 
+    def pending(self, table: pa.Table) -> list[tuple[list[int], bool]]:
+        """Per row, the sample indices not committed yet, and whether its error record is
+        committed. In bulk: one hash and one lookup for the whole block's candidate pairs."""
+        ids = pc.fill_null(table.column("id"), "") if "id" in table.column_names else pa.array([""] * table.num_rows)
+        n = sample_counts(table.column("num_samples")) if "num_samples" in table.column_names else np.ones(table.num_rows, np.int8)
+        ordinals = table.column(ORDINAL).to_numpy()
+        error_index = -np.array([self.duplicates.get(int(o), 0) + 1 for o in ordinals], np.int64)
+        counts = n.astype(np.int64) + 1  # each row: its samples 0..n-1, and its error record's key
+        row_of = np.repeat(np.arange(table.num_rows), counts)
+        first = np.cumsum(counts) - counts
+        index = np.arange(len(row_of)) - first[row_of]
+        index[first + counts - 1] = error_index
+        done = self.committed.contains(pair_hashes(pc.take(ids, pa.array(row_of)), pa.array(index)))
+        out = []
+        for r in range(table.num_rows):
+            lo, hi = first[r], first[r] + counts[r] - 1
+            out.append(([int(i) for i in np.flatnonzero(~done[lo:hi])], bool(done[hi])))
+        return out
+
     def __call__(self, table: pa.Table) -> pa.Table:
         out: list[Sample] = []
-        for m in manifest_rows(table):
+        for m, (todo, error_done) in zip(manifest_rows(table), self.pending(table)):
+            if not todo and m[ORDINAL] not in self.duplicates:  # every sample committed: nothing to validate
+                continue
             extras = {name: m.get(col) for col, name in self.extras.items()}
             try:
                 item = self.check(m)
             except RowError as e:
-                row_id = m.get("id") or ""
-                key = -(self.duplicates.get(m[ORDINAL], 0) + 1)
-                if self.committed.contains(pair_hashes([row_id], [key]))[0]:
+                if error_done:
                     continue
                 # the record stands for all the pairs the plan expected of this row
                 covers = 1 if m[ORDINAL] in self.duplicates else (samples_of(m.get("num_samples")) or 1)
                 prompt = m.get("prompt") if isinstance(m.get("prompt"), str) else None
-                failed = Sample(id=row_id, sample_index=key, task=str(m.get("task") or "t2i"), prompt=prompt, extras=extras, covers=covers)
+                key = -(self.duplicates.get(m[ORDINAL], 0) + 1)
+                failed = Sample(id=m.get("id") or "", sample_index=key, task=str(m.get("task") or "t2i"), prompt=prompt,
+                                extras=extras, covers=covers, ordinal=m[ORDINAL])
                 failed.fail("validate", e.kind, str(e), e.retryable)
                 out.append(failed)
                 continue
-            n = item.pop("num_samples")
-            todo = [i for i, done in enumerate(self.committed.contains(pair_hashes([m["id"]] * n, range(n)))) if not done]
+            item.pop("num_samples")  # `todo` holds the samples still to make
             for i in todo:
                 out.append(Sample(id=m["id"], sample_index=i, sample_seed=sample_seed(item["seed"], m["id"], i),
-                                  extras=dict(extras), **item))
+                                  extras=dict(extras), ordinal=m[ORDINAL], **item))
         return to_block(out)
