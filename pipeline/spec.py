@@ -146,7 +146,6 @@ class JobSpec(_Strict):
         model fingerprint and placement; only present when the job has scores, so that jobs
         without them keep the fingerprint they had."""
         return {
-            **({"scores": scores} if scores else {}),
             "family": self.family,
             "model": model_fingerprint,
             "seed": self.seed,
@@ -155,6 +154,7 @@ class JobSpec(_Strict):
             "image_format": self.output_options.image_format,
             "quality": self.output_options.quality,
             "max_prompt_chars": self.max_prompt_chars,
+            **({"scores": scores} if scores else {}),
         }
 
 
