@@ -115,7 +115,7 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--family", default=DEMO_DEFAULT, help=f"one of: {_families()} (default {DEMO_DEFAULT})")
     demo.set_defaults(fn=cmd_demo)
     tiny = sub.add_parser("make-tiny", help="write a tiny random-weight model in the family's released layout", parents=[common])
-    tiny.add_argument("family", help=f"one of: {_families()}")
+    tiny.add_argument("family", help=f"one of: {_families()}; or clip: a tiny CLIP for scores.clip.model")
     tiny.add_argument("dir")
     tiny.set_defaults(fn=cmd_make_tiny)
     st = sub.add_parser("status", help="progress of a running or finished job", parents=[common])

@@ -42,6 +42,8 @@ from pipeline.report_html import write_report_after_run
 from pipeline.resume import CommitLog, check_output, write_index
 from pipeline.rows import MAX_PACK
 from pipeline.sample import RowError
+from pipeline.scoring import STAGE as SCORE_STAGE
+from pipeline.scoring import ScoreStage, check_scores, score_columns, score_context
 from pipeline.sink import OUTPUT_COLUMNS, SinkConfig
 from pipeline.spec import JobSpec, SpecError, StageConfig
 from pipeline.stages import StageGroup
@@ -79,6 +81,7 @@ class Job:
     sink: SinkConfig
     extras: dict[str, str]  # manifest column -> output column
     skip: dict[str, frozenset[int]]  # manifest file identity -> row groups with nothing left to do
+    score: GroupPlan | None = None  # the job's score stage (scores: in the spec), after the family's last
 
 
 LOCAL_RAY_RECORDS = Path(tempfile.gettempdir()) / "genfleet-local-ray"
@@ -217,19 +220,23 @@ def plan_groups(spec: JobSpec, stages: list[StageSpec]) -> list[GroupPlan]:
 def prepare(spec: JobSpec, *, new_run: bool = False) -> Job:
     """Every job-level check; reads but writes nothing, starts nothing."""
     family, stages = _check_family(spec)
+    scores = check_scores(spec, family, [s.name for s in stages])  # the scorer's model, before Ray as the family's
     inputs = {inp.name: inp.many for t in family.tasks.values() for inp in t.inputs}
     manifest = open_manifest(spec.manifest, inputs)
-    extras = output_names(manifest.extra_columns, set(OUTPUT_COLUMNS) | set(family.scores))
+    extras = output_names(manifest.extra_columns, set(OUTPUT_COLUMNS) | set(family.scores) | set(score_columns(spec)))
     plan = make_plan(manifest, None if new_run else spec.output)
     groups = plan_groups(spec, stages)
     placement = {name: {"device": ctx.device, "dtype": ctx.dtype, "options": ctx.options} for g in groups for name, ctx, _ in g.stages}
-    fingerprint = spec.output_fingerprint(family.model_fingerprint(spec.model), placement)
+    fingerprint = spec.output_fingerprint(family.model_fingerprint(spec.model), placement, scores)
     commit_log = check_output(spec.output, fingerprint, new_run=new_run)
     sink = SinkConfig(output=spec.output, family=family.name, model=family.model_name(spec.model),
                       image_format=spec.output_options.image_format, webdataset=spec.output_options.webdataset,
                       extra_schema=pa.schema([pa.field(extras[n], manifest.schema.field(n).type) for n in manifest.extra_columns]),
-                      scores=dict(family.scores), files=tuple((f.identity, f.first_ordinal) for f in manifest.files))
-    return Job(spec, family, groups, manifest, plan, commit_log, fingerprint, sink, extras, {})
+                      scores={**family.scores, **score_columns(spec)}, files=tuple((f.identity, f.first_ordinal) for f in manifest.files))
+    c = spec.scores.clip
+    score = GroupPlan([(SCORE_STAGE, score_context(c), False)], StageConfig(replicas=c.replicas), c.num_gpus, c.num_cpus,
+                      c.batch_size) if c else None
+    return Job(spec, family, groups, manifest, plan, commit_log, fingerprint, sink, extras, {}, score)
 
 
 def _skip_groups(job: Job, retry_errors: bool) -> dict[str, frozenset[int]]:
@@ -278,6 +285,10 @@ def build_dataset(job: Job, done):
                                                                "pack": pack if last else 0},
                             batch_size=g.batch_size, batch_format="pyarrow", compute=_pool(g.cfg.replicas),
                             num_gpus=g.num_gpus or None, num_cpus=g.num_cpus)
+    if (sc := job.score) is not None:  # scores on the decoded pixels, before encoding (pipeline/scoring.py)
+        ds = ds.map_batches(ScoreStage, fn_constructor_kwargs={"ctx": sc.stages[0][1], "attempts": spec.errors.attempts},
+                            batch_size=sc.batch_size, batch_format="pyarrow", compute=_pool(sc.cfg.replicas),
+                            num_gpus=sc.num_gpus or None, num_cpus=sc.num_cpus)
     return ds.map_batches(encode_block, fn_kwargs={"image_format": spec.output_options.image_format, "quality": spec.output_options.quality},
                           batch_format="pyarrow", num_cpus=0.5)
 
@@ -315,7 +326,7 @@ def _execute(job: Job, new_run: bool, retry_errors: bool, started: float, intera
     ctx.enable_progress_bars = False  # genfleet shows its own progress
     ctx.execution_options.preserve_order = True  # same manifest, same batches: the same bytes
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    check_resources(job.groups)
+    check_resources(job.groups + ([job.score] if job.score else []))
     done = job.log.done(retry_errors)
     ds = build_dataset(job, done)
     run = RunRecord(job.fingerprint, spec.manifest, job.plan.expected_pairs, new_run, retry_errors, job.log, started, job.plan)

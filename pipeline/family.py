@@ -98,7 +98,7 @@ class Demo:
 class Family(Protocol):
     name: str
     tasks: Mapping[str, TaskSpec]
-    scores: Mapping[str, str]  # per-sample scores it may emit (columns of images/): name -> "float" | "bool"
+    scores: Mapping[str, str]  # per-sample scores it may emit (columns of images/): name -> "float" | "float32" | "bool"
 
     def stages(self, model: str) -> list[StageSpec]:
         """The stages in pipeline order (they may depend on the model, e.g. its number of

@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass, field
 
 from pipeline.resume import SUMMARY_FILE, NoJob, read_job, read_log
+from pipeline.score_stats import describe
+from pipeline.score_stats import merge as merge_scores
 from pipeline.sink import ShardResult
 from pipeline.storage import filesystem, join, write_atomic
 
@@ -35,6 +37,7 @@ class Tally:
     retryable_by_kind: dict[str, int] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     stage_rows: dict[str, int] = field(default_factory=dict)
+    score_stats: dict[str, dict] = field(default_factory=dict)
 
     def add(self, r: ShardResult) -> None:
         self.shards += 1
@@ -45,6 +48,7 @@ class Tally:
         _merge(self.stage_rows, r.stage_rows)
         for k, s in r.stage_seconds.items():
             self.stage_seconds[k] = self.stage_seconds.get(k, 0.0) + s
+        merge_scores(self.score_stats, r.score_stats)
 
     @classmethod
     def of(cls, results) -> Tally:
@@ -71,6 +75,7 @@ def summary(before: Tally, this_run: Tally, *, expected: int, started_at: float,
         _merge(total.stage_rows, t.stage_rows)
         for k, s in t.stage_seconds.items():
             total.stage_seconds[k] = total.stage_seconds.get(k, 0.0) + s
+        merge_scores(total.score_stats, t.score_stats)
     return {
         "status": status,
         "expected": expected,
@@ -86,6 +91,7 @@ def summary(before: Tally, this_run: Tally, *, expected: int, started_at: float,
         "this_run": {"rows": this_run.rows, "wall_seconds": round(wall, 2),
                      "rows_per_second": round(this_run.rows / wall, 3) if wall > 0 else None},
         "stage_rows_per_second": stage_throughput(total),
+        **describe(total.score_stats),  # e.g. clip_score: count, mean, min, p05 ... p95, max
     }
 
 
@@ -123,6 +129,7 @@ def status(output: str) -> dict:
         "errors_by_kind": t.errors_by_kind,
         "rows_per_second": round(done_now / elapsed, 3) if elapsed > 0 else None,
         "stage_rows_per_second": stage_throughput(t),
+        **describe(t.score_stats),
         "runs": len(job["runs"]),
     }
 

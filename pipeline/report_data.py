@@ -21,6 +21,7 @@ from PIL import Image
 
 from pipeline.report import Tally, stage_throughput
 from pipeline.resume import SUMMARY_FILE, Commit, NoJob, read_job, read_log
+from pipeline.score_stats import describe
 from pipeline.storage import filesystem, join, redact
 
 MAX_THUMBS = 48
@@ -82,6 +83,9 @@ class ReportData:
     thumb_shards: int  # images/ shards the grid was drawn from
     clip_scores: list[float] | None  # None: no clip_score column
     clip_score_shards: tuple[int, int]  # (read, holding images)
+    # count, mean, quantiles of every committed image's clip_score, from the commit stats (as in
+    # _summary.json); None when the stats have none (outputs written before scores had them)
+    clip_score_stats: dict | None = None
 
 
 def spread_order(n: int) -> Iterator[int]:
@@ -244,4 +248,4 @@ def gather(output: str) -> ReportData:
         counts=counts, errors_by_kind=dict(sorted(t.errors_by_kind.items())), error_examples=read_error_examples(output, commits),
         runs=runs_of(job, commits, summary, now), stage_rows_per_second=stage_throughput(t), stage_rows=t.stage_rows,
         thumbs=thumbs, thumb_shards=thumb_shards, clip_scores=scores if has_score else None,
-        clip_score_shards=(score_read, score_total))
+        clip_score_shards=(score_read, score_total), clip_score_stats=describe(t.score_stats).get("clip_score"))

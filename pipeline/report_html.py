@@ -16,6 +16,7 @@ from html import escape
 from pipeline.report_data import ReportData, RunInfo, Thumb, gather
 from pipeline.report_svg import Bar, BarGroup, bar_list, column_chart, histogram
 from pipeline.resume import NoJob
+from pipeline.score_stats import describe, stats_of
 from pipeline.storage import filesystem, join, redact, write_atomic
 
 log = logging.getLogger("genfleet")
@@ -88,6 +89,8 @@ def settings_section(d: ReportData) -> str:
     rows.append(["sampler", _json(fp.get("sampler") or {})])
     stages = [[f"<code>{esc(name)}</code>", esc(p.get("device")), esc(p.get("dtype")), _json(p.get("options") or {})]
               for name, p in (fp.get("stages") or {}).items()]
+    stages += [[f"<code>score</code> ({esc(name)})", esc(p.get("device")), esc(p.get("dtype")), _json({"model fingerprint": p.get("model")})]
+               for name, p in (fp.get("scores") or {}).items()]  # the job's score stage (scores: in the spec)
     return (f'<h2>Job</h2>{_table(["setting", "value"], rows)}<h3>Stages and placement</h3>'
             f'{_table(["stage", "device", "dtype", "options"], stages)}')
 
@@ -144,7 +147,16 @@ def scores_section(d: ReportData) -> str:
     note = f" (from {read} of {total} image shards)" if read < total else ""
     body = (histogram(d.clip_scores, title="clip_score distribution", x_label="clip_score") if d.clip_scores
             else '<p class="sub">No scores yet.</p>')
-    return f'<h2>CLIP score</h2><p class="sub">{len(d.clip_scores):,} images{esc(note)}.</p><div class="chart" id="clip-score">{body}</div>'
+    # the numbers: over every committed image when the commit stats have them, else over the values read
+    stats, over = d.clip_score_stats, "all committed images (commit stats; quantiles to within 1 point)"
+    if stats is None and d.clip_scores:
+        stats, over = describe({"clip_score": stats_of("clip_score", d.clip_scores)})["clip_score"], f"the images read{note}"
+    table = ""
+    if stats:
+        table = (f'<div id="clip-score-stats">{_table(list(stats), [[esc(v) for v in stats.values()]], frozenset(range(len(stats))))}'
+                 f'<p class="sub">Over {esc(over)}.</p></div>')
+    return (f'<h2>CLIP score</h2><p class="sub">Histogram of {len(d.clip_scores):,} images{esc(note)}.</p>{table}'
+            f'<div class="chart" id="clip-score">{body}</div>')
 
 
 def _sampler_text(sampler: str) -> str:

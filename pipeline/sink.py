@@ -26,13 +26,14 @@ import pyarrow.parquet as pq
 
 from pipeline.keys import pair_hashes, shard_name
 from pipeline.sample import Sample
+from pipeline.score_stats import BOUNDS, stats_of
 from pipeline.storage import filesystem, join, write_atomic
 
 DATASETS = ("images", "embeddings", "texts", "errors", "retries", "webdataset")
 COMMITS = "_commits"
 STATS_KEY = b"genfleet.stats"
 _IMAGE_MIME_EXT = {"png": "png", "webp": "webp", "jpeg": "jpg"}
-_SCORE_TYPES = {"float": pa.float64(), "bool": pa.bool_()}
+_SCORE_TYPES = {"float": pa.float64(), "float32": pa.float32(), "bool": pa.bool_()}
 MAX_KEY_CHARS = 80  # webdataset keys (tar names must stay within USTAR's 100)
 # columns the outputs write themselves: a manifest column of the same name is carried as extra_<name>
 OUTPUT_COLUMNS = frozenset({"id", "sample_index", "image", "format", "width", "height", "seed", "sample_seed", "task",
@@ -48,7 +49,7 @@ class SinkConfig:
     image_format: str = "png"
     webdataset: bool = False
     extra_schema: pa.Schema = field(default_factory=lambda: pa.schema([]))  # output names and types of the extras
-    scores: dict[str, str] = field(default_factory=dict)  # score column -> "float" | "bool"
+    scores: dict[str, str] = field(default_factory=dict)  # score column -> "float" | "float32" | "bool"
     lease_owner: str | None = None  # commit only while this run holds the output's lease
     # the manifest's files in order: (identity, first ordinal), so a commit says which file row each pair came from
     files: tuple[tuple[str, int], ...] = ()
@@ -70,11 +71,12 @@ class ShardResult:
     stage_seconds: dict[str, float]
     stage_rows: dict[str, int]
     committed_at: float
+    score_stats: dict[str, dict] = field(default_factory=dict)  # score -> its distribution here (pipeline/score_stats.py)
 
     @classmethod
     def from_stats(cls, stats: dict) -> ShardResult:
         fields = cls.__dataclass_fields__
-        return cls(**{k: stats.get(k, {} if k.endswith(("_kind", "_seconds", "_rows")) else 0) for k in fields})
+        return cls(**{k: stats.get(k, {} if k.endswith(("_kind", "_seconds", "_rows", "_stats")) else 0) for k in fields})
 
 
 def status_of(s: Sample) -> str:
@@ -198,7 +200,8 @@ def _webdataset_tar(rows: list[Sample], cfg: SinkConfig) -> bytes:
             w, h = r.outputs.image_size or (None, None)
             meta = {**r.extras, "id": r.id, "sample_index": r.sample_index, "task": r.task, "prompt": r.prompt,
                     "seed": r.seed, "sample_seed": r.sample_seed, "width": w, "height": h, "family": cfg.family,
-                    "model": cfg.model, "sampler": json.loads(_sampler(r)), **r.outputs.scores}
+                    "model": cfg.model, "sampler": json.loads(_sampler(r)),
+                    **{n: None for n in cfg.scores if n in BOUNDS}, **r.outputs.scores}  # a job score unset: null, as in images/
             add(f"{key}.{_IMAGE_MIME_EXT[cfg.image_format]}", r.outputs.image or b"")
             add(f"{key}.json", json.dumps(meta, sort_keys=True, default=str).encode())
             for name, emb in sorted(r.outputs.embeddings.items()):
@@ -220,13 +223,16 @@ def _result(name: str, rows: list[Sample]) -> ShardResult:
             kinds = by_kind[status_of(r)]
             kinds[r.failure.kind] = kinds.get(r.failure.kind, 0) + 1
     status = [status_of(r) for r in rows]
+    scored = {score: [v for r, st in zip(rows, status) if st == "ok" and (v := r.outputs.scores.get(score)) is not None]
+              for score in BOUNDS}
     return ShardResult(
         shard=name, rows=len(rows),
         pairs=sum(r.covers for r, st in zip(rows, status) if st != "retry"),
         images=sum(1 for r, st in zip(rows, status) if st == "ok" and r.outputs.image is not None),
         texts=sum(1 for r, st in zip(rows, status) if st == "ok" and r.outputs.text is not None),
         errors=status.count("error"), retryable=status.count("retry"),
-        errors_by_kind=by_kind["error"], retryable_by_kind=by_kind["retry"], stage_seconds=seconds, stage_rows=counts, committed_at=time.time())
+        errors_by_kind=by_kind["error"], retryable_by_kind=by_kind["retry"], stage_seconds=seconds, stage_rows=counts, committed_at=time.time(),
+        score_stats={score: stats_of(score, values) for score, values in scored.items() if values})
 
 
 def _placement(rows: list[Sample], files: tuple[tuple[str, int], ...]) -> dict[str, pa.Array]:

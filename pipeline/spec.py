@@ -19,6 +19,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _check_replicas(v):
+    lo, hi = (v, v) if isinstance(v, int) else v
+    if lo < 1 or hi < lo:
+        raise ValueError(f"replicas must be >= 1 and min <= max, got {v}")
+    return v
+
+
+def _check_gpus(v):
+    if v is not None and (v < 0 or (v > 1 and v != int(v))):
+        raise ValueError(f"num_gpus must be a fraction <= 1 or a whole number, got {v}")
+    return v
+
+
 class StageConfig(_Strict):
     """Placement of one family stage. Unset fields take the family's defaults."""
 
@@ -32,20 +45,40 @@ class StageConfig(_Strict):
     # run in the previous stage's actor (its replicas and resources apply)
     colocate: bool = False
 
-    @field_validator("replicas")
-    @classmethod
-    def _replicas(cls, v):
-        lo, hi = (v, v) if isinstance(v, int) else v
-        if lo < 1 or hi < lo:
-            raise ValueError(f"replicas must be >= 1 and min <= max, got {v}")
-        return v
+    _replicas = field_validator("replicas")(_check_replicas)
+    _gpus = field_validator("num_gpus")(_check_gpus)
 
-    @field_validator("num_gpus")
-    @classmethod
-    def _gpus(cls, v):
-        if v is not None and (v < 0 or (v > 1 and v != int(v))):
-            raise ValueError(f"num_gpus must be a fraction <= 1 or a whole number, got {v}")
-        return v
+
+class ClipScoreConfig(_Strict):
+    """The CLIP score of each image and its prompt (pipeline/scoring.py), in its own actor pool
+    after the family's last stage. Unlike a family stage its defaults are fixed here."""
+
+    model: str  # a transformers CLIPModel checkpoint directory (safetensors, image processor, tokenizer)
+    replicas: int | tuple[int, int] = 1
+    num_gpus: float = 1.0  # 0: on CPU; a fraction shares a GPU
+    num_cpus: float = Field(default=0.5, ge=0)
+    batch_size: int = Field(default=32, ge=1)
+    dtype: Dtype = "float32"  # float32 everywhere by default: scores comparable across devices and with torchmetrics
+    device: Literal["cuda", "cpu"] | None = None  # None: cuda when it has GPUs
+
+    _replicas = field_validator("replicas")(_check_replicas)
+    _gpus = field_validator("num_gpus")(_check_gpus)
+
+    @model_validator(mode="after")
+    def _model(self):
+        if not self.model.strip():
+            raise ValueError("model must not be empty")
+        return self
+
+    @property
+    def resolved_device(self) -> str:
+        return self.device or ("cuda" if self.num_gpus > 0 else "cpu")
+
+
+class ScoresConfig(_Strict):
+    """Quality scores added to images/ (one column each); unset ones are not computed."""
+
+    clip: ClipScoreConfig | None = None
 
 
 class OutputConfig(_Strict):
@@ -92,6 +125,7 @@ class JobSpec(_Strict):
     errors: ErrorsConfig = Field(default_factory=ErrorsConfig)
     inputs: InputsConfig = Field(default_factory=InputsConfig)
     max_prompt_chars: int = Field(default=4000, ge=1)
+    scores: ScoresConfig = Field(default_factory=ScoresConfig)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -105,10 +139,12 @@ class JobSpec(_Strict):
     def stage(self, name: str) -> StageConfig:
         return self.stages.get(name) or StageConfig()
 
-    def output_fingerprint(self, model_fingerprint: str, placement: dict[str, dict]) -> dict[str, Any]:
+    def output_fingerprint(self, model_fingerprint: str, placement: dict[str, dict], scores: dict[str, Any] | None = None) -> dict[str, Any]:
         """Everything that changes the bytes of the outputs (and nothing else:
         replicas and batch sizes do not). Stored with the job to guard resumes.
-        `placement`: each stage's resolved device, dtype and options."""
+        `placement`: each stage's resolved device, dtype and options. `scores`: each scorer's
+        model fingerprint and placement; only present when the job has scores, so that jobs
+        without them keep the fingerprint they had."""
         return {
             "family": self.family,
             "model": model_fingerprint,
@@ -118,6 +154,7 @@ class JobSpec(_Strict):
             "image_format": self.output_options.image_format,
             "quality": self.output_options.quality,
             "max_prompt_chars": self.max_prompt_chars,
+            **({"scores": scores} if scores else {}),
         }
 
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import pyarrow as pa
 
 from pipeline.families import get_family
-from pipeline.family import StageContext
+from pipeline.family import StageContext, StageFn
 from pipeline.retry import is_transient
 from pipeline.rows import map_samples
 from pipeline.sample import Result, RowError, Sample
@@ -29,12 +30,16 @@ RETRY_BACKOFF_SECONDS = 0.5
 class StageRunner:
     """One stage over lists of samples."""
 
-    def __init__(self, family: str, stage: str, ctx: StageContext, *, keep_inputs: bool = True, attempts: int = 3):
-        specs = {s.name: s for s in get_family(family).stages(ctx.model_path)}
-        if stage not in specs:
-            raise ValueError(f"family {family!r} has no stage {stage!r} (stages: {', '.join(specs)})")
+    def __init__(self, family: str, stage: str, ctx: StageContext, *, keep_inputs: bool = True, attempts: int = 3,
+                 build: Callable[[StageContext], StageFn] | None = None):
+        """`build`: a stage of the job's own (the score stage, pipeline/scoring.py) instead of the family's `stage`."""
+        if build is None:
+            specs = {s.name: s for s in get_family(family).stages(ctx.model_path)}
+            if stage not in specs:
+                raise ValueError(f"family {family!r} has no stage {stage!r} (stages: {', '.join(specs)})")
+            build = specs[stage].build
         self.name, self.keep_inputs, self.attempts = stage, keep_inputs, max(1, attempts)
-        self.fn = specs[stage].build(ctx)
+        self.fn = build(ctx)
 
     def _call(self, samples: list[Sample]) -> list[Result | RowError]:
         results = self.fn(samples)
