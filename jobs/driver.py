@@ -260,15 +260,16 @@ def _pool(replicas) -> ActorPoolStrategy:
     return ActorPoolStrategy(min_size=replicas[0], max_size=replicas[1])
 
 
-def pack_size(groups: list[GroupPlan], rows_per_shard: int) -> int:
-    """Samples per block row after the last model stage (pipeline/rows.py): dividing its batch
-    size (its batches become whole packs) and the shard size (the writer counts rows)."""
-    return math.gcd(MAX_PACK, rows_per_shard, groups[-1].batch_size)
+def pack_size(job: Job) -> int:
+    """Samples per block row after the last model stage (the score stage, if any; pipeline/rows.py):
+    dividing its batch size (its batches become whole packs) and the shard size (the writer counts rows)."""
+    last = job.score if job.score is not None else job.groups[-1]
+    return math.gcd(MAX_PACK, job.spec.output_options.rows_per_shard, last.batch_size)
 
 
 def build_dataset(job: Job, done):
     spec = job.spec
-    pack = pack_size(job.groups, spec.output_options.rows_per_shard)
+    pack = pack_size(job)
     ds = ray.data.read_datasource(ManifestDatasource(job.manifest, job.skip))
     expand = ExpandConfig(family=spec.family, job_seed=spec.seed, sampler=spec.sampler, max_prompt_chars=spec.max_prompt_chars,
                           duplicates=job.plan.duplicates, committed=done, extras=job.extras)
@@ -280,13 +281,13 @@ def build_dataset(job: Job, done):
                                           max_bytes=i.max_bytes, max_pixels=i.max_pixels)
         ds = ds.map_batches(fetch_block, fn_kwargs={"policy": policy}, batch_format="pyarrow", num_cpus=0.25)
     for n, g in enumerate(job.groups):
-        last = n == len(job.groups) - 1
+        last = n == len(job.groups) - 1 and job.score is None
         ds = ds.map_batches(StageGroup, fn_constructor_kwargs={"family": spec.family, "stages": g.stages, "attempts": spec.errors.attempts,
                                                                "pack": pack if last else 0},
                             batch_size=g.batch_size, batch_format="pyarrow", compute=_pool(g.cfg.replicas),
                             num_gpus=g.num_gpus or None, num_cpus=g.num_cpus)
     if (sc := job.score) is not None:  # scores on the decoded pixels, before encoding (pipeline/scoring.py)
-        ds = ds.map_batches(ScoreStage, fn_constructor_kwargs={"ctx": sc.stages[0][1], "attempts": spec.errors.attempts},
+        ds = ds.map_batches(ScoreStage, fn_constructor_kwargs={"ctx": sc.stages[0][1], "attempts": spec.errors.attempts, "pack": pack},
                             batch_size=sc.batch_size, batch_format="pyarrow", compute=_pool(sc.cfg.replicas),
                             num_gpus=sc.num_gpus or None, num_cpus=sc.num_cpus)
     return ds.map_batches(encode_block, fn_kwargs={"image_format": spec.output_options.image_format, "quality": spec.output_options.quality},
@@ -343,7 +344,7 @@ def _execute(job: Job, new_run: bool, retry_errors: bool, started: float, intera
         return str(heartbeat.lost) if heartbeat.lost else guard.check()
 
     # the writer counts block rows: packs of samples
-    writer = ShardWriter(sink, rows_per_shard=spec.output_options.rows_per_shard // pack_size(job.groups, spec.output_options.rows_per_shard),
+    writer = ShardWriter(sink, rows_per_shard=spec.output_options.rows_per_shard // pack_size(job),
                          max_shard_seconds=spec.output_options.max_shard_seconds, on_result=on_result)
     progress = Progress(job.plan.expected_pairs, 0 if new_run else Tally.of(c.result for c in job.log.commits).pairs, interactive)
     try:

@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.family import Family, ModelError, StageContext, StageFn
-from pipeline.rows import from_block, to_block
+from pipeline.rows import map_samples
 from pipeline.sample import Result, RowError, Sample
 from pipeline.spec import ClipScoreConfig, JobSpec, SpecError
 from pipeline.stages import StageRunner
@@ -101,13 +101,12 @@ def build_clip(ctx: StageContext) -> StageFn:
 class ScoreStage:
     """The batch function of the score actor pool (Ray-free: jobs/driver.py places it)."""
 
-    def __init__(self, ctx: StageContext, attempts: int = 3):
+    def __init__(self, ctx: StageContext, attempts: int = 3, pack: int = 0):
         self.runner = StageRunner("", STAGE, ctx, attempts=attempts, build=build_clip)
+        self.pack = pack  # the last model stage packs its output (pipeline/rows.py)
 
     def __call__(self, block: pa.Table) -> pa.Table:
-        samples = from_block(block)
-        self.runner.run(samples)
-        return to_block(samples)
+        return map_samples(block, self.runner.run, self.pack)
 
 
 def check_scores(spec: JobSpec, family: Family, stage_names: list[str]) -> dict[str, Any]:
