@@ -26,6 +26,7 @@ from ray.data import ActorPoolStrategy, DataContext
 
 from jobs.ray_io import ManifestDatasource, OutputDatasink, RunRecord
 from jobs.writer import ShardWriter
+from pipeline.card import write_card
 from pipeline.encode import encode_block
 from pipeline.families import get_family
 from pipeline.family import Family, ModelError, StageContext, StageSpec, parse_params
@@ -274,6 +275,7 @@ def run_job(spec: JobSpec, *, new_run: bool = False, retry_errors: bool = False,
     if not new_run and not len(job.log.retry) and before.pairs >= job.plan.expected_pairs and not (retry_errors and before.errors):
         result = summary(before, Tally(), expected=job.plan.expected_pairs, started_at=started, status="completed")
         write_summary(spec.output, result)  # nothing to do: no Ray, no model
+        write_card(spec.output, job.sink.family, job.sink.model)  # (an output of a version that wrote none)
         write_report_after_run(spec.output)
         return result
     lease = acquire(spec.output, takeover=takeover)  # one writer per OUTPUT, before anything starts

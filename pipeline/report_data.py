@@ -21,6 +21,7 @@ from PIL import Image
 
 from pipeline.report import Tally, stage_throughput
 from pipeline.resume import SUMMARY_FILE, Commit, NoJob, list_commits, read_job, read_log, read_results
+from pipeline.sink import image_bytes
 from pipeline.storage import filesystem, join, redact
 
 MAX_THUMBS = 48
@@ -163,7 +164,7 @@ def read_thumbs(output: str, commits: list[Commit]) -> tuple[list[Thumb], int, b
         has_score = has_score or "clip_score" in table.column_names
         for row in table.to_pylist():
             thumbs.append(Thumb(row["id"], row["sample_index"], row["prompt"], row["seed"], row["sampler"] or "{}",
-                                row.get("clip_score"), thumbnail(row["image"]) if row["image"] else None))
+                                row.get("clip_score"), thumbnail(data) if (data := image_bytes(row["image"])) else None))
     return thumbs, len(plan), has_score
 
 

@@ -118,6 +118,9 @@ class JobSpec(_Strict):
             "image_format": self.output_options.image_format,
             "quality": self.output_options.quality,
             "max_prompt_chars": self.max_prompt_chars,
+            # the images table's layout: an output of a version that wrote `image` as plain bytes
+            # is not resumed into (its files and the new ones would not read as one table)
+            "image_column": "hf_image",
         }
 
 

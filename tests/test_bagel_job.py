@@ -61,7 +61,7 @@ def _run(job, name, *sets):
 
 
 def _images(out):
-    return {(r["id"], r["sample_index"]): r["image"] for r in _read(out, "images")}
+    return {(r["id"], r["sample_index"]): r["image"]["bytes"] for r in _read(out, "images")}
 
 
 def test_bagel_job_on_cpu(ray_cluster, job):

@@ -71,7 +71,7 @@ def test_s3_manifest_to_s3_outputs_with_bad_rows(ray_cluster, bucket):
     assert json.loads(row["sampler"]) == {"size": 16, "gain": 1.0}
     # the GPU stage ran on an actor that Ray gave one of the 2 declared GPUs
     assert set(images["gpu_id"].to_pylist()) <= {0.0, 1.0}
-    img = Image.open(io.BytesIO(row["image"]))
+    img = Image.open(io.BytesIO(row["image"]["bytes"]))
     assert img.format == "PNG" and img.size == (16, 16)
     emb = read(out, "embeddings")
     assert emb.num_rows == 14 and emb.schema.field("mean_color").type == pa.list_(pa.float32(), 3)
