@@ -1,8 +1,9 @@
-"""`genfleet`: run, demo, make-tiny, status, report, submit."""
+"""`genfleet`: run, demo, make-tiny, status, errors, report, submit."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import re
@@ -82,6 +83,26 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_errors(args) -> int:
+    from pipeline.report_data import read_errors
+
+    kinds = read_errors(args.output, args.kind, args.examples)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(k) for k in kinds], indent=1))
+        return 0
+    total = sum(k.count for k in kinds)
+    what = f"of kind {args.kind} " if args.kind else ""
+    print(f"genfleet errors {what}of {redact(args.output)}: {total} permanent error(s)"
+          + (f" in {len(kinds)} kind(s)" if len(kinds) > 1 else ""))
+    for k in kinds:
+        print(f"  {k.kind}: {k.count}")
+        for e in k.examples:
+            print(f"    {e.id} [{e.sample_index}] {e.stage}: {e.message}")
+    if args.kind and not kinds:
+        print(f"  (no errors of kind {args.kind}; `genfleet errors {redact(args.output)}` lists the kinds)")
+    return 0
+
+
 def cmd_report(args) -> int:
     from pipeline.report_html import write_report
 
@@ -122,6 +143,12 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("output")
     st.add_argument("--json", action="store_true")
     st.set_defaults(fn=cmd_status)
+    er = sub.add_parser("errors", help="the permanent errors of a job: each kind, its count and example rows", parents=[common])
+    er.add_argument("output")
+    er.add_argument("--kind", help="only this kind (e.g. empty_prompt)")
+    er.add_argument("--examples", type=int, default=5, metavar="N", help="example rows per kind (default 5)")
+    er.add_argument("--json", action="store_true")
+    er.set_defaults(fn=cmd_errors)
     rp = sub.add_parser("report", help="write an HTML report of a running or finished job", parents=[common])
     rp.add_argument("output")
     rp.add_argument("--out", help="where to write it (any fsspec URL; default OUTPUT/report.html)")

@@ -181,19 +181,44 @@ def read_clip_scores(output: str, commits: list[Commit]) -> tuple[list[float], i
     return values, len(picked), len(names)
 
 
-def read_error_examples(output: str, commits: list[Commit]) -> dict[str, list[ErrorExample]]:
-    """A few rows of each permanent error kind, from as few errors/ files as the stats allow."""
+def read_error_examples(output: str, commits: list[Commit], per_kind: int = EXAMPLES_PER_KIND,
+                        kinds: set[str] | None = None) -> dict[str, list[ErrorExample]]:
+    """Up to `per_kind` rows of each permanent error kind (of `kinds`, or all), from as few
+    errors/ files as the stats allow."""
     fs, root = filesystem(output)
     examples: dict[str, list[ErrorExample]] = {}
     for c in sorted(commits, key=lambda c: c.name):
-        wanted = {k for k in c.result.errors_by_kind if len(examples.get(k, [])) < EXAMPLES_PER_KIND}
+        wanted = {k for k in c.result.errors_by_kind
+                  if (kinds is None or k in kinds) and len(examples.get(k, [])) < per_kind}
         table = _read_rows(fs, join(root, "errors", f"{c.name}.parquet"), ["id", "sample_index", "stage", "kind", "message"]) \
             if wanted else None
         for row in table.to_pylist() if table is not None else []:
             got = examples.setdefault(row["kind"], []) if row["kind"] in wanted else None
-            if got is not None and len(got) < EXAMPLES_PER_KIND:
+            if got is not None and len(got) < per_kind:
                 got.append(ErrorExample(row["id"], row["sample_index"], row["stage"], (row["message"] or "")[:MAX_MESSAGE_CHARS]))
     return examples
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    """One kind of permanent error in an output: how many, and a few of its rows."""
+
+    kind: str
+    count: int
+    examples: list[ErrorExample]
+
+
+def read_errors(output: str, kind: str | None = None, per_kind: int = EXAMPLES_PER_KIND) -> list[ErrorKind]:
+    """What `genfleet errors` shows: each kind (or just `kind`), most frequent first, counted from
+    the commit stats (so retired errors and debris do not count) with examples from errors/."""
+    if read_job(output) is None:
+        raise NoJob(f"no genfleet job at {redact(output)} (no _job.json)")
+    commits = read_results(output, list_commits(output))
+    counts = Tally.of(c.result for c in commits).errors_by_kind
+    if kind is not None:
+        counts = {kind: counts[kind]} if kind in counts else {}
+    examples = read_error_examples(output, commits, per_kind, set(counts)) if per_kind > 0 and counts else {}
+    return [ErrorKind(k, n, examples.get(k, [])) for k, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
 def runs_of(job: dict, commits: list[Commit], summary: dict | None, now: float) -> list[RunInfo]:

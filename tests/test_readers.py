@@ -109,6 +109,14 @@ def test_status_command(finished):
     assert st["errors_by_kind"] == {"empty_prompt": 1}
 
 
+def test_errors_command(finished):
+    _, out = finished
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "errors", out], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"genfleet errors of {out}: 1 permanent error(s)", "  empty_prompt: 1",
+                                        "    id.1/x [-1] validate: prompt is empty"], proc.stdout
+
+
 def test_an_output_with_binary_images_is_not_resumed_into(tmp_path):
     """An output of a version that wrote `image` as plain bytes: resuming it would mix column types."""
     from pipeline.resume import ResumeError, check_output
