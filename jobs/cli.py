@@ -8,7 +8,6 @@ import json
 import logging
 import re
 import sys
-from importlib.metadata import PackageNotFoundError, version
 
 from pipeline.families import DEMO_DEFAULT, installed
 from pipeline.family import ModelError
@@ -18,11 +17,7 @@ from pipeline.report import format_table, status
 from pipeline.resume import ResumeError
 from pipeline.spec import SpecError, load_spec
 from pipeline.storage import redact
-
-try:
-    __version__ = version("genfleet")
-except PackageNotFoundError:  # a checkout that was not installed
-    __version__ = "unknown"
+from pipeline.version import __version__
 
 # what the user can fix in the spec, the model path or the manifest before a run: exit 2
 USER_ERRORS = (SpecError, ManifestError, ResumeError, ModelError)
@@ -80,6 +75,8 @@ def cmd_make_tiny(args) -> int:
 def cmd_status(args) -> int:
     data = status(args.output)
     print(json.dumps(data, indent=1) if args.json else f"genfleet status of {redact(args.output)}\n{format_table(data)}")
+    if data["state"] == "dead" and not args.json:
+        print("genfleet: its driver is gone without ending the run (no heartbeat); run the same command again to resume")
     return 0
 
 

@@ -273,7 +273,8 @@ def run_job(spec: JobSpec, *, new_run: bool = False, retry_errors: bool = False,
     log.info("manifest: %d rows in %d file(s), %d (id, sample) pairs expected, %d already committed",
              job.plan.num_rows, len(job.manifest.files), job.plan.expected_pairs, before.pairs)
     if not new_run and not len(job.log.retry) and before.pairs >= job.plan.expected_pairs and not (retry_errors and before.errors):
-        result = summary(before, Tally(), expected=job.plan.expected_pairs, started_at=started, status="completed")
+        result = summary(before, Tally(), expected=job.plan.expected_pairs, started_at=started, status="completed",
+                         model_fingerprint=job.fingerprint["model"])
         write_summary(spec.output, result)  # nothing to do: no Ray, no model
         write_card(spec.output, job.sink.family, job.sink.model)  # (an output of a version that wrote none)
         write_report_after_run(spec.output)
@@ -318,8 +319,10 @@ def _execute(job: Job, new_run: bool, retry_errors: bool, started: float, intera
     try:
         writer.run(ds)
     except BaseException as e:
-        status = "stopped" if isinstance(e, (JobStopped, KeyboardInterrupt)) else "failed"
-        write_summary(spec.output, summary(sink.before, this_run, expected=job.plan.expected_pairs, started_at=started, status=status))
+        # Ctrl-C is the user's choice, not a failure of the job: the same command resumes it
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped" if isinstance(e, JobStopped) else "failed"
+        write_summary(spec.output, summary(sink.before, this_run, expected=job.plan.expected_pairs, started_at=started, status=status,
+                                           model_fingerprint=job.fingerprint["model"]))
         raise
     finally:
         progress.close()

@@ -87,7 +87,8 @@ class OutputDatasink(Datasink[ShardResult | None]):
     def on_write_complete(self, write_result: WriteResult[ShardResult | None]) -> None:
         assert self.run is not None, "on_write_complete runs on the driver"
         this_run = Tally.of(r for r in write_result.write_returns if r is not None)
-        data = summary(self.before, this_run, expected=self.run.expected_pairs, started_at=self.run.started_at, status="completed")
+        data = summary(self.before, this_run, expected=self.run.expected_pairs, started_at=self.run.started_at, status="completed",
+                       model_fingerprint=self.run.fingerprint["model"])
         if data["missing"]:
             data["status"] = "incomplete"
         write_summary(self.cfg.output, data)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,8 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.report import Tally, stage_throughput
-from pipeline.resume import SUMMARY_FILE, Commit, NoJob, list_commits, read_job, read_log, read_results
+from pipeline.lease import read_lease
+from pipeline.report import Tally, read_summary, run_state, stage_throughput
+from pipeline.resume import Commit, NoJob, list_commits, read_job, read_log, read_results
 from pipeline.sink import image_bytes
 from pipeline.storage import filesystem, join, redact
 
@@ -251,11 +251,7 @@ def gather(output: str) -> ReportData:
     job = read_job(output)
     if job is None:
         raise NoJob(f"no genfleet job at {redact(output)} (no _job.json)")
-    fs, root = filesystem(output)
-    try:
-        summary = json.loads(fs.cat_file(join(root, SUMMARY_FILE)))
-    except FileNotFoundError:
-        summary = None  # running, or killed before its end
+    summary = read_summary(output)  # None: running, or killed before its end
     commits = read_results(output, list_commits(output))
     t = Tally.of(c.result for c in commits)
     pending = len(read_log(output).retry) if t.retryable else 0  # pending until a later shard holds the pair
@@ -265,7 +261,7 @@ def gather(output: str) -> ReportData:
     counts = {"expected": job["expected_pairs"], "committed": t.pairs, "missing": max(job["expected_pairs"] - t.pairs, 0),
               "images": t.images, "texts": t.texts, "errors": t.errors, "retryable": pending, "shards": t.shards}
     return ReportData(
-        output=redact(output), state=summary["status"] if summary else "running or stopped", generated_at=now, job=job,
+        output=redact(output), state=run_state(summary, read_lease(output)), generated_at=now, job=job,
         counts=counts, errors_by_kind=dict(sorted(t.errors_by_kind.items())), error_examples=read_error_examples(output, commits),
         runs=runs_of(job, commits, summary, now), stage_rows_per_second=stage_throughput(t), stage_rows=t.stage_rows,
         thumbs=thumbs, thumb_shards=thumb_shards, clip_scores=scores if has_score else None,
