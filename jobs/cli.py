@@ -113,6 +113,9 @@ def cmd_submit(args) -> int:
     job_id = submit(_spec(args), address=args.address, working_dir=args.working_dir, new_run=args.new_run,
                     retry_errors=args.retry_errors, wait=args.wait)
     print(f"genfleet: submitted {job_id}")
+    if not args.wait:  # the job runs on: say how to watch it
+        print(f"genfleet: follow it with `ray job logs --address {args.address} --follow {job_id}`, "
+              f"or `genfleet status {redact(args.output or _spec(args).output)}`")
     return 0
 
 
@@ -180,6 +183,23 @@ def _setup_logging(verbosity: int) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO)
 
 
+def _no_credentials(e: BaseException) -> bool:
+    """botocore's NoCredentialsError (s3fs lets it through): it names neither the URL nor a fix."""
+    return any(c.__name__ == "NoCredentialsError" for c in type(e).__mro__)
+
+
+def _s3_urls(args) -> list[str]:
+    """The job's s3:// URLs (flags, or the spec they come from), for a message that names them."""
+    urls = [getattr(args, k, None) for k in ("output", "manifest", "model")]
+    if getattr(args, "spec", None) or getattr(args, "spec_json", None):
+        try:
+            spec = _spec(args)
+            urls += [spec.manifest, spec.output, spec.model]
+        except Exception:  # noqa: BLE001 - a spec that does not load names no URLs
+            pass
+    return sorted({u for u in urls if isinstance(u, str) and u.startswith(("s3://", "s3a://"))})
+
+
 def _raised_in_ray(e: BaseException) -> bool:
     """Ray re-raises a worker's exception as a subclass of it (RayTaskError(ValueError)): what
     failed inside the run is a job failure, whatever its type."""
@@ -198,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
         print("genfleet: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - one line for the user, the trace in -v
+        if _no_credentials(e) and not _raised_in_ray(e):
+            where = ", ".join(redact(u) for u in _s3_urls(args)) or "S3"
+            print(f"genfleet: error: no AWS credentials to reach {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                  "or AWS_PROFILE (a profile in ~/.aws/credentials)", file=sys.stderr)
+            return 2
         if isinstance(e, USER_ERRORS) and not _raised_in_ray(e):
             print(f"genfleet: error: {redact(str(e))}", file=sys.stderr)
             return 2

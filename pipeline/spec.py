@@ -149,7 +149,7 @@ def load_spec(path: str | None, overrides: dict[str, Any] | None = None, sets: l
             _set_dotted(data, k, v)
     for item in sets or []:
         if "=" not in item:
-            raise SpecError(f"--set expects KEY=VALUE, got {item!r}")
+            raise SpecError(f"--set {item.strip()!r}: a setting needs KEY=VALUE, e.g. --set {item.strip() or 'seed'}=VALUE")
         k, v = item.split("=", 1)
         _set_dotted(data, k.strip(), yaml.safe_load(v))
     try:
