@@ -213,7 +213,7 @@ def read_errors(output: str, kind: str | None = None, per_kind: int = EXAMPLES_P
     the commit stats (so retired errors and debris do not count) with examples from errors/."""
     if read_job(output) is None:
         raise NoJob(f"no genfleet job at {redact(output)} (no _job.json)")
-    commits = read_results(output, list_commits(output))
+    commits = read_log(output).commits
     counts = Tally.of(c.result for c in commits).errors_by_kind
     if kind is not None:
         counts = {kind: counts[kind]} if kind in counts else {}
