@@ -1,13 +1,13 @@
-"""`genfleet`: run, demo, make-tiny, status, report, submit."""
+"""`genfleet`: run, demo, make-tiny, status, errors, report, submit."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import re
 import sys
-from importlib.metadata import PackageNotFoundError, version
 
 from pipeline.families import DEMO_DEFAULT, installed
 from pipeline.family import ModelError
@@ -17,11 +17,7 @@ from pipeline.report import format_table, status
 from pipeline.resume import ResumeError
 from pipeline.spec import SpecError, load_spec
 from pipeline.storage import redact
-
-try:
-    __version__ = version("genfleet")
-except PackageNotFoundError:  # a checkout that was not installed
-    __version__ = "unknown"
+from pipeline.version import __version__
 
 # what the user can fix in the spec, the model path or the manifest before a run: exit 2
 USER_ERRORS = (SpecError, ManifestError, ResumeError, ModelError)
@@ -79,6 +75,28 @@ def cmd_make_tiny(args) -> int:
 def cmd_status(args) -> int:
     data = status(args.output)
     print(json.dumps(data, indent=1) if args.json else f"genfleet status of {redact(args.output)}\n{format_table(data)}")
+    if data["state"] == "dead" and not args.json:
+        print("genfleet: its driver is gone without ending the run (no heartbeat); run the same command again to resume")
+    return 0
+
+
+def cmd_errors(args) -> int:
+    from pipeline.report_data import read_errors
+
+    kinds = read_errors(args.output, args.kind, args.examples)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(k) for k in kinds], indent=1))
+        return 0
+    total = sum(k.count for k in kinds)
+    what = f"of kind {args.kind} " if args.kind else ""
+    print(f"genfleet errors {what}of {redact(args.output)}: {total} permanent error(s)"
+          + (f" in {len(kinds)} kind(s)" if len(kinds) > 1 else ""))
+    for k in kinds:
+        print(f"  {k.kind}: {k.count}")
+        for e in k.examples:
+            print(f"    {e.id} [{e.sample_index}] {e.stage}: {e.message}")
+    if args.kind and not kinds:
+        print(f"  (no errors of kind {args.kind}; `genfleet errors {redact(args.output)}` lists the kinds)")
     return 0
 
 
@@ -95,6 +113,9 @@ def cmd_submit(args) -> int:
     job_id = submit(_spec(args), address=args.address, working_dir=args.working_dir, new_run=args.new_run,
                     retry_errors=args.retry_errors, wait=args.wait)
     print(f"genfleet: submitted {job_id}")
+    if not args.wait:  # the job runs on: say how to watch it
+        print(f"genfleet: follow it with `ray job logs --address {args.address} --follow {job_id}`, "
+              f"or `genfleet status {redact(args.output or _spec(args).output)}`")
     return 0
 
 
@@ -122,6 +143,12 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("output")
     st.add_argument("--json", action="store_true")
     st.set_defaults(fn=cmd_status)
+    er = sub.add_parser("errors", help="the permanent errors of a job: each kind, its count and example rows", parents=[common])
+    er.add_argument("output")
+    er.add_argument("--kind", help="only this kind (e.g. empty_prompt)")
+    er.add_argument("--examples", type=int, default=5, metavar="N", help="example rows per kind (default 5)")
+    er.add_argument("--json", action="store_true")
+    er.set_defaults(fn=cmd_errors)
     rp = sub.add_parser("report", help="write an HTML report of a running or finished job", parents=[common])
     rp.add_argument("output")
     rp.add_argument("--out", help="where to write it (any fsspec URL; default OUTPUT/report.html)")
@@ -156,6 +183,23 @@ def _setup_logging(verbosity: int) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO)
 
 
+def _no_credentials(e: BaseException) -> bool:
+    """botocore's NoCredentialsError (s3fs lets it through): it names neither the URL nor a fix."""
+    return any(c.__name__ == "NoCredentialsError" for c in type(e).__mro__)
+
+
+def _s3_urls(args) -> list[str]:
+    """The job's s3:// URLs (flags, or the spec they come from), for a message that names them."""
+    urls = [getattr(args, k, None) for k in ("output", "manifest", "model")]
+    if getattr(args, "spec", None) or getattr(args, "spec_json", None):
+        try:
+            spec = _spec(args)
+            urls += [spec.manifest, spec.output, spec.model]
+        except Exception:  # noqa: BLE001 - a spec that does not load names no URLs
+            pass
+    return sorted({u for u in urls if isinstance(u, str) and u.startswith(("s3://", "s3a://"))})
+
+
 def _raised_in_ray(e: BaseException) -> bool:
     """Ray re-raises a worker's exception as a subclass of it (RayTaskError(ValueError)): what
     failed inside the run is a job failure, whatever its type."""
@@ -174,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
         print("genfleet: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - one line for the user, the trace in -v
+        if _no_credentials(e) and not _raised_in_ray(e):
+            where = ", ".join(redact(u) for u in _s3_urls(args)) or "S3"
+            print(f"genfleet: error: no AWS credentials to reach {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                  "or AWS_PROFILE (a profile in ~/.aws/credentials)", file=sys.stderr)
+            return 2
         if isinstance(e, USER_ERRORS) and not _raised_in_ray(e):
             print(f"genfleet: error: {redact(str(e))}", file=sys.stderr)
             return 2

@@ -27,6 +27,7 @@ from ray.data import ActorPoolStrategy, DataContext
 
 from jobs.ray_io import ManifestDatasource, OutputDatasink, RunRecord
 from jobs.writer import ShardWriter
+from pipeline.card import write_card
 from pipeline.encode import encode_block
 from pipeline.families import get_family
 from pipeline.family import Family, ModelError, StageContext, StageSpec, parse_params
@@ -302,10 +303,12 @@ def run_job(spec: JobSpec, *, new_run: bool = False, retry_errors: bool = False,
     log.info("manifest: %d rows in %d file(s), %d (id, sample) pairs expected, %d already committed",
              job.plan.num_rows, len(job.manifest.files), job.plan.expected_pairs, before.pairs)
     if not new_run and not len(job.log.retry) and before.pairs >= job.plan.expected_pairs and not (retry_errors and before.errors):
-        result = summary(before, Tally(), expected=job.plan.expected_pairs, started_at=started, status="completed")
+        result = summary(before, Tally(), expected=job.plan.expected_pairs, started_at=started, status="completed",
+                         model_fingerprint=job.fingerprint["model"])
         write_summary(spec.output, result)  # nothing to do: no Ray, no model
         save_cache(spec.output, job.plan)
         write_index(spec.output, job.log)
+        write_card(spec.output, job.sink.family, job.sink.model)  # (an output of a version that wrote none)
         write_report_after_run(spec.output)
         return result
     job = dataclasses.replace(job, skip={} if new_run else _skip_groups(job, retry_errors))
@@ -350,8 +353,10 @@ def _execute(job: Job, new_run: bool, retry_errors: bool, started: float, intera
     try:
         writer.run(ds)
     except BaseException as e:
-        status = "stopped" if isinstance(e, (JobStopped, KeyboardInterrupt)) else "failed"
-        write_summary(spec.output, summary(sink.before, this_run, expected=job.plan.expected_pairs, started_at=started, status=status))
+        # Ctrl-C is the user's choice, not a failure of the job: the same command resumes it
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped" if isinstance(e, JobStopped) else "failed"
+        write_summary(spec.output, summary(sink.before, this_run, expected=job.plan.expected_pairs, started_at=started, status=status,
+                                           model_fingerprint=job.fingerprint["model"]))
         raise
     finally:
         progress.close()

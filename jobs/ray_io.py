@@ -2,7 +2,7 @@
 
 The reading and writing themselves live in pipeline/ (no Ray there); these classes
 only cut the work into Ray tasks and run the sink's lifecycle:
-    on_write_start     the run really starts: debris removed, errors retired, _job.json
+    on_write_start     the run really starts: debris removed, errors retired, _job.json, README.md
     write              one shard and its commit record -> ShardResult
     on_write_complete  _summary.json from the earlier commits and this run's results
 """
@@ -15,6 +15,7 @@ import pyarrow as pa
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasink, Datasource, ReadTask, WriteResult
 
+from pipeline.card import write_card
 from pipeline.manifest import Manifest, ManifestFile, read_file_rows
 from pipeline.plan import Plan, save_cache
 from pipeline.report import Tally, summary, write_summary
@@ -94,6 +95,7 @@ class OutputDatasink(Datasink[ShardResult | None]):
         assert r is not None, "on_write_start runs on the driver"
         commits = begin_run(self.cfg.output, r.fingerprint, manifest=r.manifest, expected_pairs=r.expected_pairs,
                             new_run=r.new_run, retry_errors=r.retry_errors, log=r.log)
+        write_card(self.cfg.output, self.cfg.family, self.cfg.model)  # the output opens in `datasets` while it grows
         self.before = Tally.of(c.result for c in commits)
         if r.plan is not None:
             save_cache(self.cfg.output, r.plan)
@@ -105,7 +107,8 @@ class OutputDatasink(Datasink[ShardResult | None]):
     def on_write_complete(self, write_result: WriteResult[ShardResult | None]) -> None:
         assert self.run is not None, "on_write_complete runs on the driver"
         this_run = Tally.of(r for r in write_result.write_returns if r is not None)
-        data = summary(self.before, this_run, expected=self.run.expected_pairs, started_at=self.run.started_at, status="completed")
+        data = summary(self.before, this_run, expected=self.run.expected_pairs, started_at=self.run.started_at, status="completed",
+                       model_fingerprint=self.run.fingerprint["model"])
         if data["missing"]:
             data["status"] = "incomplete"
         write_summary(self.cfg.output, data)

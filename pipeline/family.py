@@ -9,7 +9,9 @@ names one: families are found through the registry (pipeline/families/).
 A stage is built once per actor (`StageSpec.build(StageContext)`, models stay
 resident) and then called with batches of samples. It returns, per sample and in
 order, a `Result` (the family state for the next stage, and outputs) or a `RowError`
-for that sample alone. If it raises instead, the runner re-runs the batch sample by
+for that sample alone. A stage that resolves a parameter left unset (a default taken from
+the model's config, a size taken from the row) returns the params as used in
+`Result.params`, so that the outputs record the values that made them. If it raises instead, the runner re-runs the batch sample by
 sample to find the ones that fail. The tests' toy family (tests/toy_family.py) is the
 smallest complete example.
 """

@@ -70,13 +70,17 @@ def _dead_here(lease: Lease) -> bool:
         return False
 
 
+def alive(lease: Lease) -> bool:
+    """Its holder beat recently and, when it ran on this host, its process still exists."""
+    return time.time() - lease.heartbeat <= STALE_AFTER_SECONDS and not _dead_here(lease)
+
+
 def acquire(output: str, *, takeover: bool = False) -> Lease:
     fs, root = filesystem(output)
     path = join(root, LEASE_FILE)
     held = read_lease(output)
     if held is not None:
-        stale = time.time() - held.heartbeat > STALE_AFTER_SECONDS or _dead_here(held)
-        if not (takeover or stale):
+        if alive(held) and not takeover:
             raise LeaseHeld(f"{output} is being written by {held.describe()}; use --takeover if that job is dead")
         fs.rm_file(path)
     now = time.time()

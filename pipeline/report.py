@@ -7,12 +7,15 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
+from pipeline.lease import Lease, alive, read_lease
 from pipeline.resume import SUMMARY_FILE, NoJob, read_job, read_log
 from pipeline.score_stats import describe
 from pipeline.score_stats import merge as merge_scores
 from pipeline.sink import ShardResult
 from pipeline.storage import filesystem, join, write_atomic
+from pipeline.version import __version__
 
 log = logging.getLogger("genfleet")
 
@@ -63,10 +66,18 @@ def stage_throughput(t: Tally) -> dict[str, float]:
     return {s: round(t.stage_rows[s] / sec, 3) for s, sec in t.stage_seconds.items() if sec > 0}
 
 
-def summary(before: Tally, this_run: Tally, *, expected: int, started_at: float, status: str) -> dict:
+def iso(t: float) -> str:
+    """A Unix time as ISO 8601 UTC, to the millisecond: 2025-01-31T12:00:00.000+00:00."""
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
+
+
+def summary(before: Tally, this_run: Tally, *, expected: int, started_at: float, status: str,
+            model_fingerprint: str | None = None) -> dict:
     """The end-of-run summary: earlier runs' commits plus this run's. Transient failures
-    are this run's only: earlier ones were all made again in this run."""
-    wall = time.time() - started_at
+    are this run's only: earlier ones were all made again in this run. Provenance: which
+    genfleet and which model files (the family's fingerprint) made them, and when."""
+    ended = time.time()
+    wall = ended - started_at
     total = Tally.of([])
     for t in (before, this_run):
         for k in ("shards", "rows", "pairs", "images", "texts", "errors"):
@@ -92,6 +103,10 @@ def summary(before: Tally, this_run: Tally, *, expected: int, started_at: float,
                      "rows_per_second": round(this_run.rows / wall, 3) if wall > 0 else None},
         "stage_rows_per_second": stage_throughput(total),
         **describe(total.score_stats),  # e.g. clip_score: count, mean, min, p05 ... p95, max
+        "genfleet_version": __version__,
+        "model_fingerprint": model_fingerprint,
+        "started_at": iso(started_at),
+        "ended_at": iso(ended),
     }
 
 
@@ -100,26 +115,51 @@ def write_summary(output: str, data: dict) -> None:
     write_atomic(fs, join(root, SUMMARY_FILE), json.dumps(data, indent=1).encode())
 
 
+def read_summary(output: str) -> dict | None:
+    fs, root = filesystem(output)
+    try:
+        return json.loads(fs.cat_file(join(root, SUMMARY_FILE)))
+    except FileNotFoundError:
+        return None
+
+
+def run_state(finished: dict | None, lease: Lease | None) -> str:
+    """`running` while a driver holds the lease and beats (pipeline/lease.py); otherwise how
+    the last run ended (its summary), or `dead`: its driver went without writing one (killed,
+    or its machine lost). A summary older than the lease is the previous run's."""
+    if lease is not None:
+        ended = datetime.fromisoformat(finished["ended_at"]).timestamp() if finished and "ended_at" in finished else None
+        if finished is None or (ended is not None and lease.since > ended):
+            return "running" if alive(lease) else "dead"
+    return finished["status"] if finished else "dead"
+
+
+def _driver(lease: Lease | None) -> str:
+    if lease is None:
+        return "-"
+    return f"{lease.host}:{lease.pid}, last heartbeat {max(time.time() - lease.heartbeat, 0):.0f}s ago"
+
+
 def status(output: str) -> dict:
     """What `genfleet status` shows, for a running or finished job."""
     job = read_job(output)
     if job is None:
         raise NoJob(f"no genfleet job at {output} (no _job.json)")
-    fs, root = filesystem(output)
-    try:
-        finished = json.loads(fs.cat_file(join(root, SUMMARY_FILE)))
-    except FileNotFoundError:
-        finished = None
+    finished = read_summary(output)
+    lease = read_lease(output)
+    state = run_state(finished, lease)
     log = read_log(output)
     commits = log.commits
     t = Tally.of(c.result for c in commits)
     # a transient failure is pending until a later shard holds its pair: count exactly when any exist
     pending = len(log.retry)
     run = job["runs"][-1]
-    elapsed = (finished or {}).get("this_run", {}).get("wall_seconds") or (time.time() - run["started_at"])
+    ended = finished if state not in ("running", "dead") else None  # (a summary beside a live lease is the last run's)
+    elapsed = (ended or {}).get("this_run", {}).get("wall_seconds") or (time.time() - run["started_at"])
     done_now = t.pairs - run["committed_before"]
     return {
-        "state": finished["status"] if finished else "running or stopped",
+        "state": state,
+        "driver": _driver(lease) if state in ("running", "dead") else "-",
         "expected": job["expected_pairs"],
         "committed": t.pairs,
         "images": t.images,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,9 +18,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.report import Tally, stage_throughput
-from pipeline.resume import SUMMARY_FILE, Commit, NoJob, read_job, read_log
+from pipeline.lease import read_lease
+from pipeline.report import Tally, read_summary, run_state, stage_throughput
+from pipeline.resume import Commit, NoJob, read_job, read_log
 from pipeline.score_stats import describe
+from pipeline.sink import image_bytes
 from pipeline.storage import filesystem, join, redact
 
 MAX_THUMBS = 48
@@ -167,7 +168,7 @@ def read_thumbs(output: str, commits: list[Commit]) -> tuple[list[Thumb], int, b
         has_score = has_score or "clip_score" in table.column_names
         for row in table.to_pylist():
             thumbs.append(Thumb(row["id"], row["sample_index"], row["prompt"], row["seed"], row["sampler"] or "{}",
-                                row.get("clip_score"), thumbnail(row["image"]) if row["image"] else None))
+                                row.get("clip_score"), thumbnail(data) if (data := image_bytes(row["image"])) else None))
     return thumbs, len(plan), has_score
 
 
@@ -184,19 +185,44 @@ def read_clip_scores(output: str, commits: list[Commit]) -> tuple[list[float], i
     return values, len(picked), len(names)
 
 
-def read_error_examples(output: str, commits: list[Commit]) -> dict[str, list[ErrorExample]]:
-    """A few rows of each permanent error kind, from as few errors/ files as the stats allow."""
+def read_error_examples(output: str, commits: list[Commit], per_kind: int = EXAMPLES_PER_KIND,
+                        kinds: set[str] | None = None) -> dict[str, list[ErrorExample]]:
+    """Up to `per_kind` rows of each permanent error kind (of `kinds`, or all), from as few
+    errors/ files as the stats allow."""
     fs, root = filesystem(output)
     examples: dict[str, list[ErrorExample]] = {}
     for c in sorted(commits, key=lambda c: c.name):
-        wanted = {k for k in c.result.errors_by_kind if len(examples.get(k, [])) < EXAMPLES_PER_KIND}
+        wanted = {k for k in c.result.errors_by_kind
+                  if (kinds is None or k in kinds) and len(examples.get(k, [])) < per_kind}
         table = _read_rows(fs, join(root, "errors", f"{c.name}.parquet"), ["id", "sample_index", "stage", "kind", "message"]) \
             if wanted else None
         for row in table.to_pylist() if table is not None else []:
             got = examples.setdefault(row["kind"], []) if row["kind"] in wanted else None
-            if got is not None and len(got) < EXAMPLES_PER_KIND:
+            if got is not None and len(got) < per_kind:
                 got.append(ErrorExample(row["id"], row["sample_index"], row["stage"], (row["message"] or "")[:MAX_MESSAGE_CHARS]))
     return examples
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    """One kind of permanent error in an output: how many, and a few of its rows."""
+
+    kind: str
+    count: int
+    examples: list[ErrorExample]
+
+
+def read_errors(output: str, kind: str | None = None, per_kind: int = EXAMPLES_PER_KIND) -> list[ErrorKind]:
+    """What `genfleet errors` shows: each kind (or just `kind`), most frequent first, counted from
+    the commit stats (so retired errors and debris do not count) with examples from errors/."""
+    if read_job(output) is None:
+        raise NoJob(f"no genfleet job at {redact(output)} (no _job.json)")
+    commits = read_log(output).commits
+    counts = Tally.of(c.result for c in commits).errors_by_kind
+    if kind is not None:
+        counts = {kind: counts[kind]} if kind in counts else {}
+    examples = read_error_examples(output, commits, per_kind, set(counts)) if per_kind > 0 and counts else {}
+    return [ErrorKind(k, n, examples.get(k, [])) for k, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
 def runs_of(job: dict, commits: list[Commit], summary: dict | None, now: float) -> list[RunInfo]:
@@ -229,11 +255,7 @@ def gather(output: str) -> ReportData:
     job = read_job(output)
     if job is None:
         raise NoJob(f"no genfleet job at {redact(output)} (no _job.json)")
-    fs, root = filesystem(output)
-    try:
-        summary = json.loads(fs.cat_file(join(root, SUMMARY_FILE)))
-    except FileNotFoundError:
-        summary = None  # running, or killed before its end
+    summary = read_summary(output)  # None: running, or killed before its end
     log = read_log(output)
     commits = log.commits
     t = Tally.of(c.result for c in commits)
@@ -244,7 +266,7 @@ def gather(output: str) -> ReportData:
     counts = {"expected": job["expected_pairs"], "committed": t.pairs, "missing": max(job["expected_pairs"] - t.pairs, 0),
               "images": t.images, "texts": t.texts, "errors": t.errors, "retryable": pending, "shards": t.shards}
     return ReportData(
-        output=redact(output), state=summary["status"] if summary else "running or stopped", generated_at=now, job=job,
+        output=redact(output), state=run_state(summary, read_lease(output)), generated_at=now, job=job,
         counts=counts, errors_by_kind=dict(sorted(t.errors_by_kind.items())), error_examples=read_error_examples(output, commits),
         runs=runs_of(job, commits, summary, now), stage_rows_per_second=stage_throughput(t), stage_rows=t.stage_rows,
         thumbs=thumbs, thumb_shards=thumb_shards, clip_scores=scores if has_score else None,

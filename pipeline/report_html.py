@@ -31,7 +31,7 @@ main{max-width:1200px;margin:0 auto;padding:16px 24px 48px}
 h1{font-size:22px;margin:8px 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #dde;padding-bottom:4px}
 h3{font-size:15px;margin:16px 0 6px}
 .sub{color:#5a6272}.state{display:inline-block;padding:2px 10px;border-radius:10px;background:#dde6f3;font-weight:600}
-.state.completed{background:#d5f0dc}.state.failed,.state.stopped{background:#f7d9d9}.state.incomplete{background:#f6ecc9}
+.state.completed{background:#d5f0dc}.state.failed,.state.stopped,.state.dead,.state.interrupted{background:#f7d9d9}.state.incomplete{background:#f6ecc9}
 .cards{display:grid;grid-template-columns:repeat(8,1fr);gap:8px}
 .card{background:#fff;border:1px solid #e2e5ea;border-radius:6px;padding:8px 10px}
 .card b{display:block;font-size:20px}.card span{color:#5a6272;font-size:12px}

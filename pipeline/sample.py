@@ -58,6 +58,9 @@ class Result:
     embeddings: dict[str, np.ndarray] | None = None
     text: str | None = None
     scores: dict[str, float] | None = None
+    # the sampler params as this stage used them (unset ones resolved, e.g. from the model's config):
+    # they replace the sample's, so the outputs' `sampler` records what made them
+    params: Any = None
 
 
 @dataclass
@@ -100,3 +103,5 @@ class Sample:
             self.outputs.text = result.text
         if result.scores:
             self.outputs.scores.update(result.scores)
+        if result.params is not None:
+            self.params = result.params

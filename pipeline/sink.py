@@ -35,6 +35,12 @@ STATS_KEY = b"genfleet.stats"
 _IMAGE_MIME_EXT = {"png": "png", "webp": "webp", "jpeg": "jpg"}
 _SCORE_TYPES = {"float": pa.float64(), "float32": pa.float32(), "bool": pa.bool_()}
 MAX_KEY_CHARS = 80  # webdataset keys (tar names must stay within USTAR's 100)
+# The image column is Hugging Face's Image storage, struct<bytes, path> (path always null),
+# declared as an Image feature in the schema metadata that `datasets` reads: it decodes the
+# column to PIL images. `datasets` applies a declared feature only to a column of exactly
+# the feature's Arrow type, so a plain binary column would load as raw bytes.
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+HF_FEATURES = {b"huggingface": json.dumps({"info": {"features": {"image": {"_type": "Image"}}}}).encode()}
 # columns the outputs write themselves: a manifest column of the same name is carried as extra_<name>
 OUTPUT_COLUMNS = frozenset({"id", "sample_index", "image", "format", "width", "height", "seed", "sample_seed", "task",
                             "prompt", "negative_prompt", "family", "model", "sampler", "text", "stage", "kind", "message",
@@ -126,7 +132,7 @@ def _image_table(rows: list[Sample], cfg: SinkConfig) -> pa.Table:
     sizes = [r.outputs.image_size or (None, None) for r in rows]
     return pa.table({
         **_keys(rows),
-        "image": pa.array([r.outputs.image for r in rows], pa.binary()),
+        "image": image_array([r.outputs.image for r in rows]),
         "format": pa.array([cfg.image_format] * len(rows), pa.string()),
         "width": pa.array([w for w, _ in sizes], pa.int32()),
         "height": pa.array([h for _, h in sizes], pa.int32()),
@@ -139,6 +145,18 @@ def _image_table(rows: list[Sample], cfg: SinkConfig) -> pa.Table:
         **{name: pa.array([r.outputs.scores.get(name) for r in rows], _SCORE_TYPES[kind]) for name, kind in cfg.scores.items()},
         **_extras(rows, cfg.extra_schema),
     })
+
+
+def image_array(images: list[bytes | None]) -> pa.StructArray:
+    """Encoded images as the images table's `image` column (IMAGE_TYPE)."""
+    data = pa.array(images, pa.binary())
+    return pa.StructArray.from_arrays([data, pa.nulls(len(images), pa.string())], fields=list(IMAGE_TYPE), mask=data.is_null())
+
+
+def image_bytes(value: dict | bytes | None) -> bytes | None:
+    """The encoded image of an images-table cell (struct, or plain bytes as outputs of
+    earlier versions hold)."""
+    return value.get("bytes") if isinstance(value, dict) else value
 
 
 def _embedding_table(rows: list[Sample]) -> pa.Table:
@@ -262,7 +280,7 @@ def write_shard(rows: list[Sample], cfg: SinkConfig) -> ShardResult | None:
     errors = [r for r in rows if status[r.key] == "error"]
     retries = [r for r in rows if status[r.key] == "retry"]
     files = {
-        "images": (images, lambda: _parquet_bytes(_image_table(images, cfg)), "parquet"),
+        "images": (images, lambda: _parquet_bytes(_image_table(images, cfg), HF_FEATURES), "parquet"),
         "embeddings": (embedded, lambda: _parquet_bytes(_embedding_table(embedded)), "parquet"),
         "texts": (texts, lambda: _parquet_bytes(_text_table(texts, cfg)), "parquet"),
         "errors": (errors, lambda: _parquet_bytes(_error_table(errors)), "parquet"),

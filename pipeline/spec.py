@@ -155,6 +155,9 @@ class JobSpec(_Strict):
             "quality": self.output_options.quality,
             "max_prompt_chars": self.max_prompt_chars,
             **({"scores": scores} if scores else {}),
+            # the images table's layout: an output of a version that wrote `image` as plain bytes
+            # is not resumed into (its files and the new ones would not read as one table)
+            "image_column": "hf_image",
         }
 
 
@@ -183,7 +186,7 @@ def load_spec(path: str | None, overrides: dict[str, Any] | None = None, sets: l
             _set_dotted(data, k, v)
     for item in sets or []:
         if "=" not in item:
-            raise SpecError(f"--set expects KEY=VALUE, got {item!r}")
+            raise SpecError(f"--set {item.strip()!r}: a setting needs KEY=VALUE, e.g. --set {item.strip() or 'seed'}=VALUE")
         k, v = item.split("=", 1)
         _set_dotted(data, k.strip(), yaml.safe_load(v))
     try:

@@ -2,6 +2,7 @@
 row, with the tiny random checkpoint; outputs do not depend on placement or batch sizes."""
 
 import io
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -61,7 +62,7 @@ def _run(job, name, *sets):
 
 
 def _images(out):
-    return {(r["id"], r["sample_index"]): r["image"] for r in _read(out, "images")}
+    return {(r["id"], r["sample_index"]): r["image"]["bytes"] for r in _read(out, "images")}
 
 
 def test_bagel_job_on_cpu(ray_cluster, job):
@@ -71,6 +72,9 @@ def test_bagel_job_on_cpu(ray_cluster, job):
     sizes = {k: Image.open(io.BytesIO(v)).size for k, v in images.items()}
     assert sizes == {("t2i", 0): (64, 32), ("t2i", 1): (64, 32), ("edit", 0): (96, 64), ("plan", 0): (32, 32)}  # 90x60 -> short side 64
     assert images[("t2i", 0)] != images[("t2i", 1)]  # each sample has its own noise
+    # image_shapes records the [height, width] made (the row's), not the default 1024²
+    shapes = {(r["id"], r["sample_index"]): json.loads(r["sampler"]).get("image_shapes") for r in _read(a, "images")}
+    assert shapes == {("t2i", 0): [32, 64], ("t2i", 1): [32, 64], ("plan", 0): [32, 32], ("edit", 0): None}
     texts = _read(a, "texts")
     assert sorted((r["id"], r["sample_index"]) for r in texts) == [("plan", 0), ("und", 0)]
     assert all(isinstance(r["text"], str) for r in texts)

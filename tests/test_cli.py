@@ -1,13 +1,14 @@
 """The CLI contract: job-level failures exit non-zero with one line naming the cause."""
 
+import os
 import subprocess
 import sys
 
-from tests.conftest import ROOT, TOY, write_manifest
+from tests.conftest import ROOT, TOY, free_port, write_manifest
 
 
 def genfleet(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, capture_output=True, text=True, env=env)
 
 
 def test_bad_manifest_fails_fast_naming_file_and_column(tmp_path):
@@ -69,3 +70,23 @@ def test_model_layout_problems_fail_before_anything_starts(tmp_path):
     p = genfleet("run", "--family", "dalle2", "--model", str(stack.parent), "--manifest", manifest, "--output", str(tmp_path / "o"))
     assert p.returncode == 2 and "is a directory; give its dalle2-laion config JSON" in p.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "o").exists()
+
+
+def test_set_without_a_value_names_the_setting(tmp_path):
+    p = genfleet("run", "--family", TOY, "--model", "toy", "--manifest", "m", "--output", str(tmp_path / "o"), "--set", "seed")
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and last == "genfleet: error: --set 'seed': a setting needs KEY=VALUE, e.g. --set seed=VALUE"
+
+
+def test_s3_without_credentials_names_the_urls_and_what_to_set(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_EC2_METADATA_DISABLED="true", AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{free_port()}")  # nothing to reach
+    spec = tmp_path / "job.yaml"
+    spec.write_text(f"family: {TOY}\nmodel: toy\nmanifest: s3://bkt/m.parquet\noutput: s3://bkt/out\n")
+    for args, urls in ((["run", str(spec)], "s3://bkt/m.parquet, s3://bkt/out"), (["status", "s3://bkt/out"], "s3://bkt/out")):
+        p = genfleet(*args, env=env)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1, p.stderr[-3000:]
+        assert lines[0] == (f"genfleet: error: no AWS credentials to reach {urls}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                            "or AWS_PROFILE (a profile in ~/.aws/credentials)")

@@ -2,6 +2,7 @@
 t2i, variation and inpainting rows, each stage on its own (declared) GPU actor."""
 
 import io
+import json
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -48,10 +49,15 @@ def test_t2i_variation_inpaint_through_the_runner(ray_cluster, tiny_stack, tmp_p
     images = pq.read_table(tmp_path / "out" / "images").to_pylist()
     assert sorted((r["id"], r["sample_index"]) for r in images) == [("inpaint", 0), ("t2i", 0), ("t2i", 1), ("var", 0)]
     for r in images:
-        img = np.asarray(Image.open(io.BytesIO(r["image"])))
+        img = np.asarray(Image.open(io.BytesIO(r["image"]["bytes"])))
         assert img.shape == (32, 32, 3) and img.std() > 0
-    by_id = {(r["id"], r["sample_index"]): r["image"] for r in images}
+    by_id = {(r["id"], r["sample_index"]): r["image"]["bytes"] for r in images}
     assert by_id[("t2i", 0)] != by_id[("t2i", 1)]
+    # the sampler settings recorded are those used: unset scales from the model config (tiny: prior 1.5, unets 1.7 and 1.0)
+    sampler = {r["id"]: json.loads(r["sampler"]) for r in images}
+    assert {k: sampler["t2i"][k] for k in ("prior_steps", "prior_cond_scale", "decoder_steps", "decoder_cond_scale")} == \
+        {"prior_steps": 4, "prior_cond_scale": 1.5, "decoder_steps": [4, 4], "decoder_cond_scale": [1.7, 1.0]}
+    assert sampler["var"]["decoder_cond_scale"] == [1.7, 1.0] and "prior_cond_scale" not in sampler["var"]
     emb = pq.read_table(tmp_path / "out" / "embeddings").to_pylist()
     t2i_emb = [e for e in emb if e["id"] == "t2i"][0]
     assert len(t2i_emb["text_embed"]) == len(t2i_emb["image_embed"]) > 0
@@ -63,7 +69,7 @@ def test_t2i_variation_inpaint_through_the_runner(ray_cluster, tiny_stack, tmp_p
     spec2 = load_spec(None, {"family": "dalle2", "model": tiny_stack, "manifest": manifest, "output": str(tmp_path / "out2")},
                       sets + ["stages.decoder.batch_size=1", "stages.prior.batch_size=3"])
     run_job(spec2, interactive=False)
-    again = {(r["id"], r["sample_index"]): r["image"] for r in pq.read_table(tmp_path / "out2" / "images").to_pylist()}
+    again = {(r["id"], r["sample_index"]): r["image"]["bytes"] for r in pq.read_table(tmp_path / "out2" / "images").to_pylist()}
     assert again.keys() == by_id.keys()
     for key, data in again.items():
         a, b = (np.asarray(Image.open(io.BytesIO(x))).astype(int) for x in (data, by_id[key]))

@@ -71,7 +71,7 @@ def start_driver(variant, model, manifest, output, sets):
 
 def _images(output):
     t = read(output, "images")
-    return dict(zip(zip(t["id"].to_pylist(), t["sample_index"].to_pylist()), t["image"].to_pylist()))
+    return dict(zip(zip(t["id"].to_pylist(), t["sample_index"].to_pylist()), [i["bytes"] for i in t["image"].to_pylist()]))
 
 
 # one actor for all the stages: each actor costs seconds of start-up on a small CPU box
@@ -136,7 +136,7 @@ def test_emu1_sigkill_after_the_first_commit_then_resume_gives_the_same_bytes(ra
     got = read(output, "images")
     keys = list(zip(got["id"].to_pylist(), got["sample_index"].to_pylist()))
     assert len(keys) == len(set(keys)), "a pair was written twice"
-    assert dict(zip(keys, got["image"].to_pylist())) == want
+    assert dict(zip(keys, [i["bytes"] for i in got["image"].to_pylist()])) == want
     check_outputs(output, "emu1", copies)
 
 

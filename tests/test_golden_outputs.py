@@ -78,7 +78,7 @@ def test_demo_job_bytes_are_unchanged(ray_cluster, tmp_path, family):
     result = run_job(spec, interactive=False)
     assert result["status"] == "completed" and result["errors_by_kind"] == {"empty_prompt": 1}
     images = pq.read_table(tmp_path / "out" / "images").to_pylist()
-    got = {f"{r['id']}/{r['sample_index']}": hashlib.sha256(r["image"]).hexdigest()[:16] for r in images}
+    got = {f"{r['id']}/{r['sample_index']}": hashlib.sha256(r["image"]["bytes"]).hexdigest()[:16] for r in images}
     assert got == GOLDEN[family]
     if family == "bagel":
         texts = pq.read_table(tmp_path / "out" / "texts").to_pylist()

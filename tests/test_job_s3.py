@@ -71,7 +71,7 @@ def test_s3_manifest_to_s3_outputs_with_bad_rows(ray_cluster, bucket):
     assert json.loads(row["sampler"]) == {"size": 16, "gain": 1.0}
     # the GPU stage ran on an actor that Ray gave one of the 2 declared GPUs
     assert set(images["gpu_id"].to_pylist()) <= {0.0, 1.0}
-    img = Image.open(io.BytesIO(row["image"]))
+    img = Image.open(io.BytesIO(row["image"]["bytes"]))
     assert img.format == "PNG" and img.size == (16, 16)
     emb = read(out, "embeddings")
     assert emb.num_rows == 14 and emb.schema.field("mean_color").type == pa.list_(pa.float32(), 3)
@@ -91,7 +91,7 @@ def test_same_images_whatever_the_batch_size_and_rerun_is_a_no_op(ray_cluster, t
     run_job(spec_for(manifest, str(tmp_path / "a"), "stages.shade.batch_size=1", "stages.noise.batch_size=1"), interactive=False)
     run_job(spec_for(manifest, str(tmp_path / "b"), "stages.shade.batch_size=7", "stages.shade.replicas=2"), interactive=False)
     a, b = read(str(tmp_path / "a"), "images"), read(str(tmp_path / "b"), "images")
-    by_key = lambda t: {(r["id"], r["sample_index"]): r["image"] for r in t.to_pylist()}
+    by_key = lambda t: {(r["id"], r["sample_index"]): r["image"]["bytes"] for r in t.to_pylist()}
     assert by_key(a) == by_key(b) and len(by_key(a)) == 15
     assert len(set(by_key(a).values())) == 15  # every sample has its own noise
     again = run_job(spec_for(manifest, str(tmp_path / "a"), "stages.shade.batch_size=3"), interactive=False)

@@ -120,7 +120,7 @@ def test_report_command_on_finished_and_killed_outputs(finished, tmp_path, capsy
     assert main(["report", str(killed)]) == 0
     assert f"to {killed / 'report.html'}" in capsys.readouterr().out
     html = (killed / "report.html").read_text()
-    assert "running or stopped" in html and html.count("<img ") == 7 and "so far" in html
+    assert 'class="state dead"' in html and html.count("<img ") == 7 and "so far" in html
 
 
 def test_report_command_without_a_job(tmp_path, capsys):

@@ -54,7 +54,7 @@ def test_formats_and_shard_layout(tmp_path, fmt, pil):
     images = pq.read_table(tmp_path / "images" / f"{name}.parquet")
     assert images["tag"].to_pylist() == ["t0", "t1", "t2"] and images["format"].to_pylist() == [fmt] * 3
     assert json.loads(images["sampler"][0].as_py()) == {"k": 1}
-    img = Image.open(io.BytesIO(images["image"][0].as_py()))
+    img = Image.open(io.BytesIO(images["image"][0].as_py()["bytes"]))
     assert img.format == pil and img.size == (6, 4) and images["width"][0].as_py() == 6
     assert pq.read_table(tmp_path / "errors" / f"{name}.parquet")["kind"].to_pylist() == ["empty_prompt"]
     assert (tmp_path / "webdataset" / f"{name}.tar").exists()

@@ -58,3 +58,12 @@ def test_submit_runs_the_job_on_the_cluster(ray_head, tmp_path):
     # the stage ran on the cluster's declared GPU
     assert set(images["gpu_id"].to_pylist()) == {0.0}
     assert pq.read_table(str(out / "errors"))["kind"].to_pylist() == ["empty_prompt"]
+    # without --wait the job runs on: the CLI says how to follow it (here a resume with nothing left to do)
+    p = subprocess.run([sys.executable, "-m", "jobs.cli", "submit", "--address", ray_head, "--working-dir", str(ROOT),
+                        "--family", TOY, "--model", "toy", "--manifest", manifest, "--output", str(out), "--set", "stages.shade.device=cpu"],
+                       cwd=ROOT, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    submitted, hint = p.stdout.strip().splitlines()[-2:]
+    job_id = submitted.removeprefix("genfleet: submitted ")
+    assert job_id.startswith("raysubmit_") and hint == (f"genfleet: follow it with `ray job logs --address {ray_head} --follow {job_id}`, "
+                                                        f"or `genfleet status {out}`")

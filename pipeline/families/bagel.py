@@ -131,7 +131,8 @@ def build_prepare(ctx: StageContext):
             h, w = s.params.image_shapes
             size = (_side("height", s.height if s.height is not None else h, ds, limit),
                     _side("width", s.width if s.width is not None else w, ds, limit))
-            return Result(BagelState(ids, size))
+            # the row's width/height override image_shapes: record the size actually made
+            return Result(BagelState(ids, size), params=s.params.model_copy(update={"image_shapes": size}))
         img = prepare_image(decode_image(s.inputs.get("image")), vae_rule, vit_rule, vae=s.task == "edit")
         state = BagelState(ids, vit_patches=_to_np(img.vit_patches), vit_grid=(img.vit_grid[0], img.vit_grid[1]))
         if s.task == "edit":

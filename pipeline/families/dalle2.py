@@ -10,6 +10,8 @@ Stages, in order (the model stages each able to sit on its own GPU actor):
 Params left at None take the model config's defaults (default_sample_timesteps,
 default_cond_scale), then the checkpoint config's; steps with none of them run the full
 schedule and scales default to 1, as in the reference (modeling/dalle2/sampling.py).
+The stages record the values they used in the sample's params (images/ `sampler`):
+prior_steps and prior_cond_scale, and decoder_steps / decoder_cond_scale one per unet.
 Stage options (decoder / upsampler stages): channels_last, compile (torch.compile the unet).
 """
 
@@ -94,6 +96,13 @@ def _per_unet(v, n: int, i: int, key: str):
     return v
 
 
+def _with_unet(v, n: int, i: int, value) -> list:
+    """A per-unet param with unet i's entry set to the value it used (the other entries as given)."""
+    entries = list(v) if isinstance(v, list) else [v] * n
+    entries[i] = value
+    return entries
+
+
 def _square(img, size: int, resample):
     from PIL import Image
 
@@ -169,9 +178,12 @@ def build_prior(ctx: StageContext):
             gen = []
         key = lambda i: (samples[i].params.prior_steps, samples[i].params.prior_cond_scale, samples[i].params.prior_eta,  # noqa: E731
                          samples[i].params.num_samples_per_batch)
+        used: dict[int, Any] = {}  # the params as used, unset steps and scale resolved (recorded in images/)
         for (steps, scale, eta, n), idx in _groups(gen, key).items():
             noise = per_sample_noise([_generator(samples[i].sample_seed, "prior") for i in idx], device)
             scale = scale if scale is not None else default_scale if default_scale is not None else 1.0
+            resolved = {"prior_steps": steps or prior.params.sample_timesteps or prior.params.timesteps, "prior_cond_scale": scale}
+            used.update({i: samples[i].params.model_copy(update=resolved) for i in idx})
             try:
                 image_embed[idx] = sample_prior(prior, text_embed[idx], text_enc[idx], noise, steps=steps,
                                                 cond_scale=scale, eta=eta, num_samples_per_batch=n)
@@ -184,7 +196,7 @@ def build_prior(ctx: StageContext):
                 continue
             te, ie = text_embed[i].float().cpu().numpy(), image_embed[i].float().cpu().numpy()
             state = dataclasses.replace(s.state, source=None, text_encodings=text_enc[i].float().cpu().numpy(), image_embed=ie)
-            out.append(Result(state, embeddings={"text_embed": te, "image_embed": ie}))
+            out.append(Result(state, embeddings={"text_embed": te, "image_embed": ie}, params=used.get(i)))
         return out
 
     return run
@@ -225,6 +237,12 @@ def build_unet_stage(number: int):
                 except RowError as e:
                     out[j] = e
             for (steps, scale, eta, level, edit, resample), idx in _groups(list(keys), keys.__getitem__).items():
+                used = {}  # the params as used: this unet's steps and scale resolved (recorded in images/)
+                for j in idx:
+                    q = samples[j].params
+                    used[j] = q.model_copy(update={
+                        "decoder_steps": _with_unet(q.decoder_steps, n, i, steps or p.sample_timesteps[i] or p.timesteps),
+                        "decoder_cond_scale": _with_unet(q.decoder_cond_scale, n, i, scale)})
                 t = lambda k: torch.from_numpy(np.stack([np.asarray(getattr(samples[j].state, k)) for j in idx])).to(device)  # noqa: E731
                 kw = {}
                 if edit:
@@ -241,9 +259,9 @@ def build_unet_stage(number: int):
                     continue
                 for j, x in zip(idx, img.float().cpu()):
                     if last:
-                        out[j] = Result(pixels=(x.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy())
+                        out[j] = Result(pixels=(x.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy(), params=used[j])
                     else:
-                        out[j] = Result(dataclasses.replace(samples[j].state, image=x.numpy()))
+                        out[j] = Result(dataclasses.replace(samples[j].state, image=x.numpy()), params=used[j])
             return [r for r in out if r is not None]
 
         return run
