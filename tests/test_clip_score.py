@@ -106,7 +106,7 @@ def test_a_job_with_scores_clip_writes_the_column(ray_cluster, clip_dir, tmp_pat
     table = pq.read_table(out / "images")
     assert table.schema.field("clip_score").type == pa.float32()
     images = table.to_pylist()
-    pixels = [np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB")) for r in images]  # PNG: the pixels scored
+    pixels = [np.asarray(Image.open(io.BytesIO(r["image"]["bytes"])).convert("RGB")) for r in images]  # PNG: the pixels scored
     want = torchmetrics_clip_score(clip_dir, pixels, [r["prompt"] for r in images])
     got = [r["clip_score"] for r in images]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
