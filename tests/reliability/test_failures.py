@@ -71,6 +71,7 @@ class Watcher(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             self.sweep()
+            self.stop.wait(0.1)  # a breath between listings: the job shares two cores with this thread
 
 
 def whole(key: str, data: bytes) -> None:
