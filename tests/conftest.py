@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -33,10 +34,65 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Hold:
+    """Requests to the store that wait in the proxy, so that a test can act while a process is at a known point
+    (kill it while it writes a commit record, say). Matching requests (method, a regex searched in the path),
+    after the first `skip`, are held `before` they reach the store or `after` it answered (the store has the
+    object, the client does not know). `reached` is set when the first is held. A held request goes on at
+    `release()`; it is dropped (never forwarded, or never answered) when its client goes away (`gone` is set:
+    the process holding the connection died) or the hold ends with `drop()`."""
+
+    def __init__(self, method: str, pattern: str, when: str = "before", skip: int = 0):
+        import threading
+
+        assert when in ("before", "after")
+        self.method, self.pattern, self.when, self.skip = method, pattern, when, skip
+        self.reached, self.gone, self._go, self._drop = (threading.Event() for _ in range(4))
+        self.held: list[str] = []
+
+    def matches(self, method: str, path: str, when: str) -> bool:
+        import re
+
+        if when != self.when or method != self.method or not re.search(self.pattern, path):
+            return False
+        if self.skip > 0:
+            self.skip -= 1
+            return False
+        return True
+
+    def wait(self, handler, path: str) -> bool:
+        """Hold one request; True to let it go on."""
+        import select
+        import socket
+
+        self.held.append(path)
+        self.reached.set()
+        conn = handler.connection
+        while not self._go.wait(0.05):
+            if self._drop.is_set():
+                return False
+            try:
+                readable, _, _ = select.select([conn], [], [], 0)
+                closed = bool(readable) and conn.recv(1, socket.MSG_PEEK) == b""
+            except OSError:  # reset by the peer
+                closed = True
+            if closed:  # the client closed its end: it died
+                self.gone.set()
+                return False
+        return True
+
+    def release(self):
+        self._go.set()
+
+    def drop(self):
+        self._drop.set()
+
+
 class FaultProxy:
     """An HTTP proxy in front of moto that fails a share of requests the way object stores
     do under load: 503 SlowDown, 500 InternalError, or a connection reset mid-request.
-    `fault_rate` is 0 (pass through) until a test raises it."""
+    `fault_rate` is 0 (pass through) until a test raises it. `holding(...)` holds chosen
+    requests (see Hold)."""
 
     def __init__(self, target_port: int):
         import http.client
@@ -47,6 +103,7 @@ class FaultProxy:
         proxy = self
         self.fault_rate, self.faults, self.requests = 0.0, 0, 0
         self._rng, self._lock = random.Random(1234), threading.Lock()
+        self.holds: list[Hold] = []
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -67,8 +124,19 @@ class FaultProxy:
                         self.rfile.readline()
                 return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
+            def _held(self, when: str) -> bool:
+                """Whether this request is dropped by a hold (after waiting in it)."""
+                with proxy._lock:
+                    hold = next((h for h in proxy.holds if h.matches(self.command, self.path, when)), None)
+                if hold is None or hold.wait(self, self.path):
+                    return False
+                self.close_connection = True
+                return True
+
             def _handle(self):
                 body = self._body()
+                if self._held("before"):
+                    return
                 with proxy._lock:
                     proxy.requests += 1
                     fault = proxy._rng.random() < proxy.fault_rate
@@ -93,6 +161,9 @@ class FaultProxy:
                              headers={**headers, "Content-Length": str(len(body))})
                 resp = conn.getresponse()
                 data = resp.read()
+                conn.close()
+                if self._held("after"):
+                    return
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "content-length", "connection"):
@@ -102,14 +173,31 @@ class FaultProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
-                conn.close()
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                pass  # a client killed mid-request (the tests do that) is not news
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @contextlib.contextmanager
+    def holding(self, method: str, pattern: str, when: str = "before", skip: int = 0):
+        """Hold matching requests while the block runs; what is still held at its end is dropped."""
+        hold = Hold(method, pattern, when, skip)
+        with self._lock:
+            self.holds.append(hold)
+        try:
+            yield hold
+        finally:
+            with self._lock:
+                self.holds.remove(hold)
+            hold.drop()
 
     def stop(self):
         self.server.shutdown()
@@ -118,7 +206,7 @@ class FaultProxy:
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on 127.0.0.1 behind a FaultProxy, with the standard AWS environment
-    pointing at the proxy. Yields the environment, plus "proxy"."""
+    pointing at the proxy. Yields the environment, plus "proxy" and "direct" (moto's own URL)."""
     from moto.server import ThreadedMotoServer
 
     port = free_port()
@@ -133,7 +221,7 @@ def s3_server():
     }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    yield {**env, "proxy": proxy}
+    yield {**env, "proxy": proxy, "direct": f"http://127.0.0.1:{port}"}  # direct: moto itself, past the proxy
     proxy.stop()
     server.stop()
     for k, v in old.items():

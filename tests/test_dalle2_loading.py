@@ -2,7 +2,9 @@
 
 import hashlib
 import json
+import os
 import re
+import tempfile
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from modeling.dalle2.checkpoint import read_checkpoint, split_checkpoint
 from modeling.dalle2.config import File, ModelLoadConfig
 from modeling.dalle2.convert import decoder_params, prior_params
 from modeling.dalle2.decoder import Decoder
-from modeling.dalle2.load import Stack, resolve_file
+from modeling.dalle2.load import ChecksumError, Stack, resolve_file
 from modeling.dalle2.models import build_decoder, build_prior
 from modeling.dalle2.prior import DiffusionPriorNetwork
 from modeling.dalle2.tiny import DECODER, PRIOR, _randomize
@@ -214,3 +216,102 @@ def test_url_cache_refetch_and_checksum(tmp_path):
 def test_local_file_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_file(File(load_type="local", path="nope.pth"), tmp_path)
+
+
+# ---- checksum edge cases, with url files served from a loopback HTTP server -----------------
+@pytest.fixture
+def served(tmp_path):
+    """A directory served over HTTP on 127.0.0.1: (directory, base URL, the paths GET asked for)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    root, gets = tmp_path / "remote", []
+    root.mkdir()
+
+    class Handler(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            gets.append(self.path)
+            super().do_GET()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}", gets
+    server.shutdown()
+
+
+HTML_404 = "<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head><body>Not Found</body></html>\n"
+
+
+@pytest.mark.parametrize("checksum", ["", "\n", HTML_404], ids=["empty", "blank", "html"])
+def test_an_unreadable_checksum_is_an_error_unless_skipped(served, tmp_path, checksum):
+    root, base, _ = served
+    (root / "w.bin").write_bytes(b"weights")
+    (root / "w.bin.sha").write_text(checksum)
+    entry = {"load_type": "url", "path": f"{base}/w.bin", "checksum_file_path": f"{base}/w.bin.sha", "cache_dir": "cache"}
+    with pytest.raises(ChecksumError) as e:
+        resolve_file(File(**entry), tmp_path)
+    message = str(e.value)
+    assert "\n" not in message and f"{base}/w.bin.sha" in message and "unreadable checksum" in message
+    assert '"checksum": "skip"' in message
+    assert not (tmp_path / "cache" / "w.bin").exists()  # nothing unchecked was kept
+    skipped = File(**entry, checksum="skip")  # said explicitly: loaded without a check
+    assert resolve_file(skipped, tmp_path).read_bytes() == b"weights"
+
+
+def test_a_file_that_is_its_own_checksum_still_verifies(served, tmp_path):
+    """Hugging Face's raw/main/ of a file kept outside LFS is the file itself."""
+    root, base, _ = served
+    (root / "c.json").write_text('{"a": 1}')
+    (root / "c.raw").write_text('{"a": 1}')
+    f = File(load_type="url", path=f"{base}/c.json", checksum_file_path=f"{base}/c.raw", cache_dir="cache")
+    assert resolve_file(f, tmp_path).read_text() == '{"a": 1}'
+    (root / "c.raw").write_text('{"a": 2}')  # the checksum changed and the fetched file does not match it
+    with pytest.raises(ChecksumError, match="unreadable checksum"):
+        resolve_file(f, tmp_path)
+
+
+@pytest.mark.parametrize("tamper", ["same size and mtime", "truncated"])
+def test_a_tampered_cached_file_is_verified_again_and_fetched_again(served, tmp_path, tamper):
+    root, base, gets = served
+    good = b"the real weights " * 100
+    (root / "w.bin").write_bytes(good)
+    (root / "w.bin.lfs").write_text(_pointer(good))
+    f = File(load_type="url", path=f"{base}/w.bin", checksum_file_path=f"{base}/w.bin.lfs", cache_dir="cache")
+    cached = resolve_file(f, tmp_path)
+    assert cached.read_bytes() == good and gets.count("/w.bin") == 1
+    assert resolve_file(f, tmp_path).read_bytes() == good and gets.count("/w.bin") == 1  # an intact cache is used
+
+    st = cached.stat()
+    if tamper == "truncated":
+        cached.write_bytes(good[:-1])
+    else:
+        cached.write_bytes(good.replace(b"real", b"fake"))
+        os.utime(cached, ns=(st.st_atime_ns, st.st_mtime_ns))  # what a size+mtime check alone would miss
+    assert resolve_file(f, tmp_path).read_bytes() == good and gets.count("/w.bin") == 2
+
+    (root / "w.bin").write_bytes(good.replace(b"real", b"fake"))  # the source is bad too: an error, never the bad bytes
+    cached.write_bytes(b"x")
+    with pytest.raises(ChecksumError, match="checksum mismatch"):
+        resolve_file(f, tmp_path)
+
+
+def test_loads_without_a_cache_dir_leave_no_temporary_directory(served, tmp_path, monkeypatch):
+    root, base, gets = served
+    sd = _prior_sd(0)
+    torch.save(sd, root / "p.pth")
+    (root / "p.json").write_text(json.dumps({"prior": PRIOR}))
+    for name in ("p.pth", "p.json"):
+        (root / f"{name}.lfs").write_text(_pointer((root / name).read_bytes()))
+    url = lambda name: {"load_type": "url", "path": f"{base}/{name}", "checksum_file_path": f"{base}/{name}.lfs"}  # noqa: E731
+    (tmp_path / "m.json").write_text(json.dumps({"prior": {"load_model_from": url("p.pth"), "load_config_from": url("p.json")}}))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where temporary copies go, so that they can be counted
+    for _ in range(3):
+        assert _same(Stack.from_json(tmp_path / "m.json").prior(), sd, strip="net.")
+    assert gets.count("/p.pth") == 3  # each load fetched its own copy...
+    assert list(scratch.iterdir()) == []  # ...and removed it

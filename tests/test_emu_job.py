@@ -18,7 +18,7 @@ from pipeline.demo_images import demo_png
 from pipeline.resume import list_commits
 from pipeline.spec import load_spec
 from tests.conftest import ROOT, write_manifest
-from tests.test_crash_resume import kill_driver, wait_for_commits
+from tests.reliability.procs import kill_driver, wait_for_commits
 from tests.test_job_s3 import read
 
 FAMILIES = {"emu2": "pipeline.families.emu:EMU2", "emu1": "pipeline.families.emu:EMU1"}
@@ -62,7 +62,7 @@ def _spec(variant, model, manifest, output, *sets):
 
 
 def start_driver(variant, model, manifest, output, sets):
-    """`genfleet run` in its own process group (it starts its own local Ray), as test_crash_resume does."""
+    """`genfleet run` in its own process group (it starts its own local Ray), as tests/reliability/procs.py does."""
     cmd = [sys.executable, "-m", "jobs.cli", "run", "--family", FAMILIES[variant], "--model", model, "--manifest", manifest,
            "--output", output, *(x for s in sets for x in ("--set", s))]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}

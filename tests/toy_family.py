@@ -8,6 +8,9 @@ for the whole batch (row isolation), "reject" makes `shade` return a RowError fo
 sample alone (unless the file `options.accept_if` exists), "flaky" fails with a transient
 error (storage-like) the first `options.flaky_failures` times the sample is tried:
 counted per process, or across processes and runs in files under `options.flaky_dir`.
+With `options.gate_dir`, a sample whose prompt is "gate-N" stops `shade` in the middle of
+its batch: it writes gate_dir/at-N (holding the actor's pid) and waits for gate_dir/open-N,
+so that a test can kill the actor at a known point.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ def _shade(ctx: StageContext):
     flaky = int(ctx.options.get("flaky_failures", 0))
     flaky_dir = ctx.options.get("flaky_dir")
     accept_if = ctx.options.get("accept_if")
+    gate_dir = ctx.options.get("gate_dir")
 
     def tried(key) -> int:
         """How often this sample was tried before, and count this try."""
@@ -80,6 +84,10 @@ def _shade(ctx: StageContext):
         out: list[Result | RowError] = []
         for s in samples:
             prompt = s.prompt or ""
+            if gate_dir and prompt.startswith("gate-"):
+                (Path(gate_dir) / f"at-{prompt[5:]}").write_text(str(os.getpid()))
+                while not (Path(gate_dir) / f"open-{prompt[5:]}").exists():
+                    time.sleep(0.05)
             if "explode" in prompt:
                 raise RuntimeError(f"boom on {s.id}")
             if "flaky" in prompt and tried(s.key) < flaky:

@@ -19,12 +19,14 @@ class File(_Strict):
     checksum_file_path: str | None = None
     cache_dir: str | None = None
     filename_override: str | None = None
+    checksum: Literal["skip"] | None = None  # genfleet's: load this url file without a checksum, said explicitly
 
     @model_validator(mode="before")
     @classmethod
     def _hf_checksum(cls, v):
         # Hugging Face: the LFS pointer at raw/main/<path> is the checksum of resolve/main/<path>
-        if isinstance(v, dict) and v.get("load_type") == "url" and v.get("checksum_file_path") is None:
+        if (isinstance(v, dict) and v.get("load_type") == "url" and v.get("checksum_file_path") is None
+                and v.get("checksum") != "skip"):
             path = v.get("path", "")
             if path.startswith("https://huggingface.co/") and "resolve/main/" in path:
                 v = {**v, "checksum_file_path": path.replace("resolve/main/", "raw/main/")}

@@ -1,8 +1,10 @@
 """Load a DALLE2 stack from a dalle2-laion model config JSON.
 
 Files are read through fsspec. A `url` file with a `cache_dir` is kept there; it is fetched
-again when its checksum file's text changes, and a fetched file that does not match its
-checksum (LFS pointer `oid sha256:` / bare sha256 / the file itself) is an error.
+again when its checksum file's text changes or the cached copy no longer matches what was
+fetched. A fetched file that does not match its checksum (LFS pointer `oid sha256:` / bare
+sha256 / the file itself), or a checksum file that says none of these, is an error unless the
+entry says `"checksum": "skip"`. Without a `cache_dir` the copy lives only while it is read.
 Relative local paths and cache dirs are taken relative to the config file's directory.
 """
 
@@ -14,6 +16,8 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +30,10 @@ from .decoder import DecoderParams
 from .models import build_decoder, build_prior, decoder_from_unets, decoder_params_for
 
 log = logging.getLogger(__name__)
+
+
+class ChecksumError(ValueError):
+    """A url file whose checksum cannot be read or does not match (one line, naming the files)."""
 
 
 def _read_text(url: str) -> str:
@@ -41,39 +49,79 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_checksum(path: Path, checksum: str, same_file: bool = False) -> None:
-    """Raise ValueError when `path` does not match `checksum` (when the checksum can say)."""
-    m = re.search(r"oid sha256:([0-9a-f]{64})", checksum)
+def _checksum_of(f: File) -> str | None:
+    """The text of `f`'s checksum file; None when it has none or says `"checksum": "skip"`."""
+    if f.checksum == "skip" or not f.checksum_file_path:
+        return None
+    try:
+        return _read_text(f.checksum_file_path)
+    except OSError as e:
+        raise ChecksumError(f"checksum file {f.checksum_file_path} of {f.path} cannot be read ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:200]}); set \"checksum\": \"skip\" on that file entry to load it unchecked") from None
+
+
+def verify_checksum(path: Path, checksum: str, source: str = "its checksum file", digest: str | None = None) -> None:
+    """Raise ChecksumError unless `path` matches `checksum`, the text of the file `source`: a git-lfs pointer
+    (`oid sha256:`, `size`), a sha256 (alone or as sha256sum prints it), or the file's own content (dalle2-laion's
+    configs, Hugging Face's raw/ of a file kept outside LFS). Anything else (empty, an HTML error page) is an
+    error rather than a model loaded unchecked. `digest`: the file's sha256 when the caller has it."""
+    m = re.search(r"oid sha256:([0-9a-f]{64})", checksum) or re.fullmatch(r"\s*([0-9a-fA-F]{64})(?:\s+\S.*)?\s*", checksum)
     size = re.search(r"^size (\d+)$", checksum, re.M)
-    bare = re.fullmatch(r"\s*([0-9a-fA-F]{64})\s*", checksum)
-    want = m.group(1) if m else bare.group(1).lower() if bare else None
-    if want is not None:
-        got = _sha256(path)
+    if m:
+        want, got = m.group(1).lower(), digest or _sha256(path)
         if got != want or (size and int(size.group(1)) != path.stat().st_size):
-            raise ValueError(f"{path}: checksum mismatch (sha256 {got}, checksum file says {want})")
-    elif same_file and path.read_bytes().decode("utf-8", errors="replace") != checksum:
-        raise ValueError(f"{path}: checksum mismatch (content differs from its checksum file)")
+            raise ChecksumError(f"{path}: checksum mismatch (sha256 {got}, {source} says {want})")
+        return
+    # a file that is its own checksum: only worth comparing when the sizes can agree (4 bytes per replaced char)
+    if checksum.strip() and path.stat().st_size <= 4 * len(checksum) and path.read_bytes().decode("utf-8", errors="replace") == checksum:
+        return
+    head = " ".join(checksum.split())[:60]
+    raise ChecksumError(f"{source}: unreadable checksum for {path.name} ({'empty' if not head else f'starts {head!r}'}; "
+                        "expected a git-lfs pointer, a sha256 or the file itself); "
+                        "set \"checksum\": \"skip\" on that file entry to load it unchecked")
+
+
+def _record(dest: Path) -> Path:
+    return Path(str(dest) + ".sha256")
 
 
 def _download(f: File, dest: Path, checksum: str | None) -> None:
+    """Fetch `f` to `dest` through a temporary file, verified before it takes the name. Records the sha256 and
+    size of what was fetched beside it, which later uses check the cached copy against."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".part")
+    h = hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as out, fsspec.open(f.path, "rb") as src:
             while chunk := src.read(1 << 22):
+                h.update(chunk)
                 out.write(chunk)
         if checksum is not None:
-            verify_checksum(Path(tmp), checksum, same_file=f.checksum_file_path == f.path)
+            verify_checksum(Path(tmp), checksum, source=f"checksum file {f.checksum_file_path}", digest=h.hexdigest())
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    _record(dest).write_text(f"{h.hexdigest()} {dest.stat().st_size}\n")
     if checksum is not None:
         Path(str(dest) + ".checksum").write_text(checksum)
 
 
+def _cached_copy_intact(dest: Path) -> bool:
+    """Whether `dest` still holds what was fetched (its recorded sha256 and size). It is hashed again on every
+    use, not trusted on size and mtime: those are easy to keep while changing the bytes (touch -r), and the
+    loader reads the whole file right after, from the page cache this warms. The size goes first: a
+    truncated copy costs no read."""
+    try:
+        digest, size = _record(dest).read_text().split()
+    except (OSError, ValueError):
+        return False  # no record (a copy from before records, or put there by hand): fetch it again
+    return dest.stat().st_size == int(size) and _sha256(dest) == digest
+
+
 def resolve_file(f: File, base_dir: str | Path = ".", check_update: bool = True) -> Path:
-    """A local path for `f`, downloading (and caching) url files."""
+    """A lasting local path for `f`: a local file, or a url file fetched into its `cache_dir` (url files without
+    one: `local_copy`)."""
     base = Path(base_dir)
     if f.load_type == "local":
         p = Path(f.path.removeprefix("file://")).expanduser()
@@ -81,23 +129,35 @@ def resolve_file(f: File, base_dir: str | Path = ".", check_update: bool = True)
         if not p.exists():
             raise FileNotFoundError(f"local file {p} does not exist")
         return p
-    checksum = _read_text(f.checksum_file_path) if f.checksum_file_path else None
     if f.cache_dir is None:
-        dest = Path(tempfile.mkdtemp(prefix="dalle2-")) / f.filename
-        _download(f, dest, checksum)
-        return dest
+        raise ValueError(f"{f.path} has no cache_dir: use local_copy()")
+    checksum = _checksum_of(f)
     cache = Path(f.cache_dir).expanduser()
     dest = (cache if cache.is_absolute() else base / cache) / f.filename
     cached_ck = Path(str(dest) + ".checksum")
     if not dest.exists():
         log.info("fetching %s -> %s", f.path, dest)
         _download(f, dest, checksum)
-    elif checksum is not None and check_update:
-        old = cached_ck.read_text() if cached_ck.exists() else None
-        if old != checksum:
-            log.info("checksum of %s changed: fetching again", f.path)
-            _download(f, dest, checksum)
+    elif checksum is not None and check_update and (cached_ck.read_text() if cached_ck.exists() else None) != checksum:
+        log.info("checksum of %s changed: fetching again", f.path)
+        _download(f, dest, checksum)
+    elif not _cached_copy_intact(dest):
+        log.warning("cached %s is not what was fetched from %s: fetching again", dest, f.path)
+        _download(f, dest, checksum)
     return dest
+
+
+@contextmanager
+def local_copy(f: File, base_dir: str | Path = ".") -> Iterator[Path]:
+    """A local path for `f` while the block runs. A url file without a cache_dir is fetched into a temporary
+    directory removed on exit (tensors memory-mapped from it stay readable: the file goes only when unmapped)."""
+    if f.load_type == "url" and f.cache_dir is None:
+        with tempfile.TemporaryDirectory(prefix="dalle2-") as tmp:
+            dest = Path(tmp) / f.filename
+            _download(f, dest, _checksum_of(f))
+            yield dest
+    else:
+        yield resolve_file(f, base_dir)
 
 
 @dataclass
@@ -112,16 +172,20 @@ class Stack:
         path = Path(path)
         return cls(ModelLoadConfig.from_json(path), path.parent)
 
+    def _text(self, f: File) -> str:
+        with local_copy(f, self.base_dir) as path:
+            return path.read_text()
+
     def _section(self, model_file: File, config_file: File | None, kind: str, weights: bool = True):
         if not weights and config_file is not None:  # settings only: skip the (large) weights file
-            return {}, config_section(json.loads(resolve_file(config_file, self.base_dir).read_text()), kind), None
-        obj = read_checkpoint(resolve_file(model_file, self.base_dir))
+            return {}, config_section(json.loads(self._text(config_file)), kind), None
+        with local_copy(model_file, self.base_dir) as path:
+            obj = read_checkpoint(path)
         sd, section, fmt = split_checkpoint(obj, kind)
         if section is None:
             if config_file is None:
                 raise ValueError(f"{kind} checkpoint {model_file.path} ({fmt}) has no config: set load_config_from")
-            text = resolve_file(config_file, self.base_dir).read_text()
-            section = config_section(json.loads(text), kind)
+            section = config_section(json.loads(self._text(config_file)), kind)
         return sd, section, checkpoint_version(obj)
 
     def prior(self, *, dtype=torch.float32, device="cpu"):

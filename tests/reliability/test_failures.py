@@ -3,18 +3,25 @@ of its rows stops; permanent errors can be run again on request. Real local Ray,
 behind a fault-injecting proxy, the toy family's real stages."""
 
 import io
+import json
+import tarfile
+import threading
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from jobs.driver import run_job
 from pipeline.outcome import JobIncomplete, JobStopped
 from pipeline.report import status
+from pipeline.resume import list_commits
 from pipeline.spec import load_spec
 from pipeline.storage import filesystem
 from tests.conftest import TOY, write_manifest
 from tests.test_job_s3 import read
+
+pytestmark = pytest.mark.reliability
 
 
 def spec(manifest, output, *sets):
@@ -32,9 +39,64 @@ def by_key(table):
     return {(r["id"], r["sample_index"]): r["image"] for r in table.to_pylist()}
 
 
+class Watcher(threading.Thread):
+    """Opens every object that appears under `output` (straight from moto, past the faulty proxy) while
+    a job writes it, and checks that it is whole: Parquet that reads to its end, a tar whose members
+    all read, JSON that parses, a report that ends. Anything else is recorded in `partial`."""
+
+    def __init__(self, endpoint: str, output: str):
+        super().__init__(daemon=True)
+        import boto3
+
+        self.s3 = boto3.client("s3", endpoint_url=endpoint)
+        self.bucket, _, self.prefix = output.removeprefix("s3://").partition("/")
+        self.stop, self.seen, self.partial = threading.Event(), {}, []
+
+    def sweep(self) -> None:
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + "/")
+        for obj in (o for page in pages for o in page.get("Contents", [])):
+            key, etag = obj["Key"], obj["ETag"]
+            if self.seen.get(key) == etag:
+                continue
+            try:
+                data = self.s3.get_object(Bucket=self.bucket, Key=key, IfMatch=etag)["Body"].read()
+            except self.s3.exceptions.ClientError:  # replaced or removed since the listing: the next sweep sees it
+                continue
+            self.seen[key] = etag
+            try:
+                whole(key, data)
+            except Exception as e:  # noqa: BLE001 - what was wrong with it is the finding
+                self.partial.append(f"{key}: {type(e).__name__}: {e}")
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.sweep()
+            self.stop.wait(0.1)  # a breath between listings: the job shares two cores with this thread
+
+
+def whole(key: str, data: bytes) -> None:
+    if key.endswith(".parquet"):
+        table = pq.read_table(io.BytesIO(data))
+        assert table.num_rows > 0
+        if "/images/" in key:
+            for image in table["image"].to_pylist():
+                Image.open(io.BytesIO(image)).load()
+    elif key.endswith(".tar"):
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            members = tar.getmembers()
+            assert members and all(len(tar.extractfile(m).read()) == m.size for m in members)
+    elif key.endswith(".json"):
+        json.loads(data)
+    elif key.endswith(".html"):
+        assert data.rstrip().endswith(b"</html>")
+    else:
+        raise AssertionError("an object the output should not hold")
+
+
 def test_a_store_failing_one_request_in_ten_loses_nothing(ray_cluster, s3_server, bucket):
     """Manifest, input images and outputs on S3 behind a proxy that fails 10% of requests
-    (503, 500, connection resets): every row lands, no error rows, the same bytes as a clean run."""
+    (503, 500, connection resets): every row lands, no error rows, the same bytes as a clean run,
+    and no object under the output is ever seen partial."""
     fs, root = filesystem(bucket)
     for i in range(8):
         fs.pipe_file(f"{root}/inputs/{i}.png", png((30 * i, 30, 200)))
@@ -47,16 +109,25 @@ def test_a_store_failing_one_request_in_ten_loses_nothing(ray_cluster, s3_server
 
     proxy = s3_server["proxy"]
     faults_before = proxy.faults
+    watcher = Watcher(s3_server["direct"], f"{bucket}/flaky")
+    watcher.start()
     proxy.fault_rate = 0.1
     try:
         result = run_job(spec(manifest, f"{bucket}/flaky", *sets), interactive=False)
     finally:
         proxy.fault_rate = 0.0
+        watcher.stop.set()
+        watcher.join()
+    seen_while_running = len(watcher.seen)
+    watcher.sweep()  # and what is there at the end
+    assert watcher.partial == []
+    assert seen_while_running >= 10, "the watcher saw too little of the run to mean anything"
     assert proxy.faults - faults_before >= 5, "the proxy injected too few faults for the test to mean anything"
     assert result["status"] == "completed" and result["committed"] == result["expected"] == 32
     assert result["errors"] == 0 and result["retryable"] == 0
     assert read(f"{bucket}/flaky", "errors") is None and read(f"{bucket}/flaky", "retries") is None
     assert by_key(read(f"{bucket}/flaky", "images")) == by_key(read(f"{bucket}/clean", "images"))
+    assert sum(k.startswith("flaky/_commits/") for k in watcher.seen) == len(list_commits(f"{bucket}/flaky"))
 
 
 def test_transient_failures_are_not_final_and_run_again(ray_cluster, tmp_path):
