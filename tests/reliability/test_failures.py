@@ -80,7 +80,7 @@ def whole(key: str, data: bytes) -> None:
         assert table.num_rows > 0
         if "/images/" in key:
             for image in table["image"].to_pylist():
-                Image.open(io.BytesIO(image)).load()
+                Image.open(io.BytesIO(image["bytes"])).load()
     elif key.endswith(".tar"):
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             members = tar.getmembers()
