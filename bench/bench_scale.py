@@ -53,7 +53,7 @@ class Watch:
     def __init__(self, args: list[str], **kw):
         self.start = time.perf_counter()
         self.proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, **kw)
+                                     start_new_session=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}, **kw)
         self.peak_kb = 0
         threading.Thread(target=self._poll, daemon=True).start()
 
@@ -141,8 +141,10 @@ def fake_completed_output(manifest: Path, output: Path) -> None:
 
 
 def figure(label: str, rows: int | None, wall: float, peak_kb: int | None = None, note: str = "") -> dict:
-    return {"run": label, "rows": rows, "wall_s": wall, "rows_per_s": rows / wall if rows else None,
-            "peak_mb": peak_kb / 1024 if peak_kb else None, "note": note}
+    f = {"run": label, "rows": rows, "wall_s": wall, "rows_per_s": rows / wall if rows else None,
+         "peak_mb": peak_kb / 1024 if peak_kb else None, "note": note}
+    print(json.dumps(f), flush=True)  # as it goes: a long run cut short still shows what it measured
+    return f
 
 
 def scale_run(work: Path, rows: int, files: int, table: list[dict]) -> None:
