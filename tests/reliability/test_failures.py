@@ -89,6 +89,8 @@ def whole(key: str, data: bytes) -> None:
         json.loads(data)
     elif key.endswith(".html"):
         assert data.rstrip().endswith(b"</html>")
+    elif key.endswith("/README.md"):  # the dataset card: front matter, then text
+        assert data.decode().startswith("---\n") and data.count(b"---\n") >= 2
     else:
         raise AssertionError("an object the output should not hold")
 
