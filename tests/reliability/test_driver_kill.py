@@ -103,10 +103,14 @@ def test_sigkill_at_five_points_then_resume(ray_cluster, ray_address, s3_server,
 def test_slow_stages_commit_by_age_so_a_crash_loses_little(ray_cluster, ray_address, tmp_path):
     """Shards of 1000 rows behind a slow stage: without commits by age nothing would be
     committed before the end. With max_shard_seconds the work lands while the run goes on."""
-    manifest = write_manifest(str(tmp_path / "m.parquet"), [{"id": f"s{i:02d}", "prompt": "p"} for i in range(24)])
+    # the last row holds its batch at a gate until the driver is killed: the run cannot end first
+    rows = [{"id": f"s{i:02d}", "prompt": "p" if i < 23 else "gate-1"} for i in range(24)]
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
     output = str(tmp_path / "out")
+    gate = tmp_path / "gate"
+    gate.mkdir()
     sets = ["stages.shade.device=cpu", "stages.shade.batch_size=2", "stages.noise.batch_size=2", "stages.shade.options.sleep=0.3",
-            "outputs.rows_per_shard=1000", "outputs.max_shard_seconds=0.5"]
+            "outputs.rows_per_shard=1000", "outputs.max_shard_seconds=0.5", f"stages.shade.options.gate_dir={gate}"]
     log = tmp_path / "driver.log"
     proc = start_driver(manifest, output, sets, log=log, ray_address=ray_address)
     assert wait_for_commits(output, 2, proc), tail(log)
@@ -114,6 +118,7 @@ def test_slow_stages_commit_by_age_so_a_crash_loses_little(ray_cluster, ray_addr
     kill_driver(proc)
     done_before = sum(read_commit(p).num_rows for p in list_commits(output))
     assert 0 < done_before < 24
+    (gate / "open-1").write_text("")
     resumed = run_job(load_spec(None, {"family": TOY, "model": "toy", "manifest": manifest, "output": output}, sets), interactive=False)
     # (at most: a write task of the killed job may still land a shard in the moment before Ray ends it)
     assert resumed["status"] == "completed" and resumed["this_run"]["rows"] <= 24 - done_before
