@@ -29,8 +29,11 @@ def start_driver(manifest: str, output: str, sets: list[str], *extra: str, log: 
     env.pop("RAY_ADDRESS", None)
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
-    out = open(log, "w") if log else subprocess.PIPE  # noqa: SIM115 - the child keeps it
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT, text=True)
+    if log is None:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    with open(log, "w") as out:  # the child holds its own copy
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
 def group_alive(pgid: int) -> bool:
