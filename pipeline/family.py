@@ -18,8 +18,10 @@ smallest complete example.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -127,3 +129,19 @@ class Family(Protocol):
 
     def demo(self) -> Demo:
         ...
+
+
+def directory_fingerprint(directory: str, hashed_suffixes: tuple[str, ...], skip_suffixes: tuple[str, ...] = ()) -> str:
+    """A model directory's identity: every file's path and size (hidden files and
+    `skip_suffixes` aside), and the contents of the (small) files with `hashed_suffixes`:
+    configs and tokenizers, which decide the outputs as much as the weights do."""
+    root, h = Path(directory), hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = f.relative_to(root).as_posix()
+        if rel.startswith(".") or "/." in rel or f.suffix in skip_suffixes:
+            continue
+        size = f.stat().st_size
+        h.update(f"{rel}:{size}\n".encode())
+        if f.suffix in hashed_suffixes and size < 64 << 20:
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]

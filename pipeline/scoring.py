@@ -10,14 +10,13 @@ here before Ray starts, and its fingerprint joins the job's output fingerprint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from pipeline.family import Family, ModelError, StageContext, StageFn
+from pipeline.family import Family, ModelError, StageContext, StageFn, directory_fingerprint
 from pipeline.rows import map_samples
 from pipeline.sample import Result, RowError, Sample
 from pipeline.spec import ClipScoreConfig, JobSpec, SpecError
@@ -67,16 +66,7 @@ def check_clip_model(directory: str) -> None:
 
 def clip_fingerprint(directory: str) -> str:
     """Every file's name and size, and the contents of the configs and tokenizer files."""
-    root, h = Path(directory), hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = f.relative_to(root).as_posix()
-        if rel.startswith(".") or "/." in rel:
-            continue
-        size = f.stat().st_size
-        h.update(f"{rel}:{size}\n".encode())
-        if f.suffix in CONFIG_SUFFIXES and size < 64 << 20:
-            h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+    return directory_fingerprint(directory, CONFIG_SUFFIXES)
 
 
 def build_clip(ctx: StageContext) -> StageFn:

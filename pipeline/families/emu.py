@@ -17,14 +17,13 @@ Sampler params: emu_params.py. Outputs: the image, and embeddings `emu_visual` [
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 from pipeline.demo_images import PROMPTS, demo_png
 from pipeline.families import emu_stages as S
 from pipeline.families.emu_params import SAMPLERS
-from pipeline.family import Demo, InputSpec, ModelError, StageSpec, TaskSpec
+from pipeline.family import Demo, InputSpec, ModelError, StageSpec, TaskSpec, directory_fingerprint
 
 NAMES = {"emu2": "Emu2-Gen", "emu1": "Emu1"}
 HASHED_SUFFIXES = (".json", ".txt", ".model")  # configs and tokenizers: their contents decide the outputs
@@ -75,16 +74,7 @@ class EmuFamily:
     def model_fingerprint(self, model: str) -> str:
         """Every file's path and size (the release's Python files aside: never run), and the
         contents of the configs and tokenizers."""
-        root, h = Path(model), hashlib.sha256()
-        for f in sorted(p for p in root.rglob("*") if p.is_file()):
-            rel = f.relative_to(root).as_posix()
-            if rel.startswith(".") or "/." in rel or f.suffix == ".py":
-                continue
-            size = f.stat().st_size
-            h.update(f"{rel}:{size}\n".encode())
-            if f.suffix in HASHED_SUFFIXES and size < 64 << 20:
-                h.update(f.read_bytes())
-        return h.hexdigest()[:16]
+        return directory_fingerprint(model, HASHED_SUFFIXES, skip_suffixes=(".py",))
 
     def write_tiny(self, directory: str) -> str:
         from modeling.emu.tiny import write_tiny
