@@ -189,6 +189,10 @@ def output_names(extras: list[str], reserved: set[str]) -> dict[str, str]:
     return names
 
 
+def _unreadable(url: str, group: int, e: Exception) -> ManifestError:
+    return ManifestError(f"manifest file {redact(url)}: row group {group} is unreadable ({type(e).__name__}: {redact(str(e))[:300]})")
+
+
 def read_file_rows(url: str, f: ManifestFile, columns: list[str] | None = None,
                    skip_groups: frozenset[int] = frozenset()) -> Iterator[pa.Table]:
     """Stream one manifest file as tables with an ORDINAL column, row group by row group
@@ -204,8 +208,7 @@ def read_file_rows(url: str, f: ManifestFile, columns: list[str] | None = None,
             try:
                 batches = list(pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[group], columns=columns))
             except (OSError, pa.ArrowException) as e:
-                raise ManifestError(f"manifest file {redact(url)}: row group {group} is unreadable "
-                                    f"({type(e).__name__}: {redact(str(e))[:300]})") from None
+                raise _unreadable(url, group, e) from None
             ordinal = int(starts[group])
             for batch in batches:
                 table = pa.Table.from_batches([batch])
@@ -223,5 +226,4 @@ def read_group_columns(url: str, f: ManifestFile, columns: list[str]) -> Iterato
             try:
                 yield group, pf.read_row_group(group, columns=columns)
             except (OSError, pa.ArrowException) as e:
-                raise ManifestError(f"manifest file {redact(url)}: row group {group} is unreadable "
-                                    f"({type(e).__name__}: {redact(str(e))[:300]})") from None
+                raise _unreadable(url, group, e) from None
