@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -115,9 +115,8 @@ def expand_block(table: pa.Table, *, config: ExpandConfig) -> pa.Table:
     expand = _EXPANDERS.get(config.token)
     if expand is None:
         _EXPANDERS.clear()  # a worker serves one job at a time: drop the last one's key set
-        expand = _EXPANDERS[config.token] = Expand(config.family, job_seed=config.job_seed, sampler=config.sampler,
-                                                   max_prompt_chars=config.max_prompt_chars, duplicates=config.duplicates,
-                                                   committed=config.committed, extras=config.extras)
+        settings = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "token"}  # Expand's arguments
+        expand = _EXPANDERS[config.token] = Expand(**settings)
     return expand(table)
 
 
