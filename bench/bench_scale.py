@@ -147,19 +147,20 @@ def figure(label: str, rows: int | None, wall: float, peak_kb: int | None = None
     return f
 
 
+def measure(table: list[dict], label: str, rows: int | None, args: list[str]) -> None:
+    """Run one command to its end; its wall time and the driver's peak RSS join the table."""
+    w = Watch(args)
+    wall, _ = w.wait()
+    table.append(figure(label, rows, wall, w.peak_kb))
+
+
 def scale_run(work: Path, rows: int, files: int, table: list[dict]) -> None:
     tag = f"{rows:.0e} rows, {files} file(s)"
     manifest = make_manifest(work / f"m-{rows}-{files}", rows, files)
     out = work / f"out-{rows}-{files}"
-    w = Watch(run_args(manifest, out))
-    wall, _ = w.wait()
-    table.append(figure(f"{tag}: run", rows, wall, w.peak_kb))
-    w = Watch(run_args(manifest, out))
-    wall, _ = w.wait()
-    table.append(figure(f"{tag}: re-run, nothing to do", None, wall, w.peak_kb))
-    w = Watch(genfleet("status", str(out)))
-    wall, _ = w.wait()
-    table.append(figure(f"{tag}: status", None, wall, w.peak_kb))
+    measure(table, f"{tag}: run", rows, run_args(manifest, out))
+    measure(table, f"{tag}: re-run, nothing to do", None, run_args(manifest, out))
+    measure(table, f"{tag}: status", None, genfleet("status", str(out)))
 
 
 def resume_after_kill(work: Path, rows: int, table: list[dict]) -> None:
@@ -200,9 +201,7 @@ def main() -> None:
         scale_run(work, rows, 1, table)
     top = max(args.sizes)
     scale_run(work, top, 100, table)
-    w = Watch([sys.executable, __file__, "--workdir", str(work), "--plain", str(work / f"m-{top}-1"), str(work / f"plain-{top}")])
-    wall, _ = w.wait()
-    table.append(figure(f"{top:.0e} rows: plain Ray Data read -> map_batches -> write", top, wall, w.peak_kb))
+    measure(table, f"{top:.0e} rows: plain Ray Data read -> map_batches -> write", top, [sys.executable, __file__, "--workdir", str(work), "--plain", str(work / f"m-{top}-1"), str(work / f"plain-{top}")])
     resume_after_kill(work, top, table)
     if args.big:
         manifest = make_manifest(work / f"m-{args.big}-100", args.big, 100)
@@ -212,12 +211,8 @@ def main() -> None:
             if label == "plan not cached":
                 for p in (out / "_plan").glob("*.parquet"):
                     p.unlink()
-            w = Watch(run_args(manifest, out))
-            wall, _ = w.wait()
-            table.append(figure(f"{args.big:.0e} committed: re-run, nothing to do ({label})", None, wall, w.peak_kb))
-        w = Watch(genfleet("status", str(out)))
-        wall, _ = w.wait()
-        table.append(figure(f"{args.big:.0e} committed: status", None, wall, w.peak_kb))
+            measure(table, f"{args.big:.0e} committed: re-run, nothing to do ({label})", None, run_args(manifest, out))
+        measure(table, f"{args.big:.0e} committed: status", None, genfleet("status", str(out)))
     plain = next(t for t in table if "plain" in t["run"])
     ours = next(t for t in table if t["run"] == f"{top:.0e} rows, 1 file(s): run")
     print("| run | wall s | rows/s | driver peak MB | note |\n|---|---:|---:|---:|---|")
