@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,10 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 FAMILY = "bench.scale_family:FAMILY"
+PHASES = ("runs", "resume", "big")
 ROWS_PER_SHARD = 1024  # with the stage's batch of 1024: samples travel in packs of 64 (pipeline/rows.py)
 
 
 def make_manifest(path: Path, rows: int, files: int) -> Path:
+    if path.exists() and len(list(path.glob("*.parquet"))) == files:  # made by an earlier phase
+        return path
     path.mkdir(parents=True, exist_ok=True)
     per = -(-rows // files)
     for f in range(files):
@@ -88,9 +92,16 @@ def run_args(manifest: Path, output: Path) -> list[str]:
                     "--set", f"outputs.rows_per_shard={ROWS_PER_SHARD}")
 
 
-def commits(output: Path) -> int:
+def committed_rows(output: Path) -> int:
+    """Pairs in the commit records so far (a shard holds whole blocks: rows_per_shard or more)."""
     d = output / "_commits"
-    return sum(1 for p in d.iterdir() if p.suffix == ".parquet") if d.exists() else 0
+    rows = 0
+    for p in d.glob("*.parquet") if d.exists() else ():
+        try:
+            rows += pq.read_metadata(p).num_rows
+        except (OSError, pa.ArrowException):  # being written
+            pass
+    return rows
 
 
 def plain_ray_data(manifest: Path, output: Path) -> None:
@@ -166,21 +177,22 @@ def scale_run(work: Path, rows: int, files: int, table: list[dict]) -> None:
 def resume_after_kill(work: Path, rows: int, table: list[dict]) -> None:
     manifest = work / f"m-{rows}-1"
     out = work / f"out-kill-{rows}"
+    shutil.rmtree(out, ignore_errors=True)
     w = Watch(run_args(manifest, out))
-    while commits(out) * ROWS_PER_SHARD < rows // 2:
+    while committed_rows(out) < rows // 2:
         if w.proc.poll() is not None:
             raise SystemExit("the run ended before half its rows were committed")
         time.sleep(0.2)
     w.kill()
     time.sleep(2)  # a write task of the killed run's Ray may still land its commit: count it as before
-    before = commits(out)
+    before = committed_rows(out)
     start = time.perf_counter()
     w = Watch(run_args(manifest, out))
-    while commits(out) <= before and w.proc.poll() is None:
+    while committed_rows(out) <= before and w.proc.poll() is None:
         time.sleep(0.05)
     first = time.perf_counter() - start
     wall, _ = w.wait()
-    table.append(figure(f"{rows:.0e} rows: resume after SIGKILL at 50%", rows - before * ROWS_PER_SHARD, wall, w.peak_kb,
+    table.append(figure(f"{rows:.0e} rows: resume after SIGKILL at 50%", rows - before, wall, w.peak_kb,
                         f"first new commit after {first:.1f} s"))
 
 
@@ -189,6 +201,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     ap.add_argument("--big", type=int, default=10_000_000, help="rows of the completed output whose start-up is timed (0: skip)")
+    ap.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), help="which measurements (default: all)")
     ap.add_argument("--plain", nargs=2, type=Path, help=argparse.SUPPRESS)  # internal: run the Ray Data baseline
     args = ap.parse_args()
     if args.plain:
@@ -197,13 +210,17 @@ def main() -> None:
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     table: list[dict] = []
-    for rows in args.sizes:
-        scale_run(work, rows, 1, table)
     top = max(args.sizes)
-    scale_run(work, top, 100, table)
-    measure(table, f"{top:.0e} rows: plain Ray Data read -> map_batches -> write", top, [sys.executable, __file__, "--workdir", str(work), "--plain", str(work / f"m-{top}-1"), str(work / f"plain-{top}")])
-    resume_after_kill(work, top, table)
-    if args.big:
+    if "runs" in args.phases:
+        for rows in args.sizes:
+            scale_run(work, rows, 1, table)
+        scale_run(work, top, 100, table)
+        measure(table, f"{top:.0e} rows: plain Ray Data read -> map_batches -> write", top,
+                [sys.executable, __file__, "--workdir", str(work), "--plain", str(work / f"m-{top}-1"), str(work / f"plain-{top}")])
+    if "resume" in args.phases:
+        make_manifest(work / f"m-{top}-1", top, 1)
+        resume_after_kill(work, top, table)
+    if args.big and "big" in args.phases:
         manifest = make_manifest(work / f"m-{args.big}-100", args.big, 100)
         out = work / f"out-big-{args.big}"
         fake_completed_output(manifest, out)
@@ -213,14 +230,15 @@ def main() -> None:
                     p.unlink()
             measure(table, f"{args.big:.0e} committed: re-run, nothing to do ({label})", None, run_args(manifest, out))
         measure(table, f"{args.big:.0e} committed: status", None, genfleet("status", str(out)))
-    plain = next(t for t in table if "plain" in t["run"])
-    ours = next(t for t in table if t["run"] == f"{top:.0e} rows, 1 file(s): run")
     print("| run | wall s | rows/s | driver peak MB | note |\n|---|---:|---:|---:|---|")
     for t in table:
         rate = f"{t['rows_per_s']:,.0f}" if t["rows_per_s"] else "–"
         peak = f"{t['peak_mb']:.0f}" if t["peak_mb"] else "–"
         print(f"| {t['run']} | {t['wall_s']:.1f} | {rate} | {peak} | {t['note']} |")
-    print(f"\ngenfleet / plain Ray Data at {top:.0e} rows (same run): {ours['rows_per_s'] / plain['rows_per_s']:.2f}x")
+    plain = next((t for t in table if "plain" in t["run"]), None)
+    ours = next((t for t in table if t["run"] == f"{top:.0e} rows, 1 file(s): run"), None)
+    if plain and ours:
+        print(f"\ngenfleet / plain Ray Data at {top:.0e} rows (same run): {ours['rows_per_s'] / plain['rows_per_s']:.2f}x")
     (work / "bench_scale.json").write_text(json.dumps(table, indent=1))
 
 

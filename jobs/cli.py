@@ -37,7 +37,18 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--takeover", action="store_true", help="take OUTPUT over from a driver that holds its lease but is dead")
     p.add_argument("--retry-errors", action="store_true", help="run the pairs that failed for good again too "
                    "(transient failures always run again)")
+    p.add_argument("--cpu", action="store_true", default=None, help="run every stage (and scorer) on CPU, whatever the spec says")
     p.add_argument("--spec-json", help=argparse.SUPPRESS)  # a resolved spec, as `submit` sends it
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return n
 
 
 def _families() -> str:
@@ -47,14 +58,22 @@ def _families() -> str:
 def _spec(args):
     if args.spec_json:
         return load_spec(None, json.loads(args.spec_json), args.sets)
-    return load_spec(args.spec, {"manifest": args.manifest, "output": args.output, "family": args.family, "model": args.model}, args.sets)
+    return load_spec(args.spec, {"manifest": args.manifest, "output": args.output, "family": args.family, "model": args.model,
+                                 "cpu": args.cpu}, args.sets)
 
 
 def cmd_run(args) -> int:
-    from jobs.driver import run_job
+    from jobs.driver import dry_run, run_job
 
-    result = run_job(_spec(args), new_run=args.new_run, retry_errors=args.retry_errors, takeover=args.takeover)
+    if args.dry_run:
+        plan = dry_run(_spec(args), new_run=args.new_run, retry_errors=args.retry_errors)
+        print(f"genfleet: dry run: every check passed; nothing was started or written\n{format_table(plan)}")
+        return 0
+    result = run_job(_spec(args), new_run=args.new_run, retry_errors=args.retry_errors, takeover=args.takeover, limit=args.limit)
     print(f"genfleet: job {result['status']}\n{format_table(result)}")
+    if "limited_to_rows_before" in result:
+        print(f"genfleet: --limit {args.limit}: {result['missing']} (id, sample) pair(s) are left; "
+              "the same command without --limit makes them")
     return 0
 
 
@@ -130,6 +149,10 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run (or resume) a job", parents=[common])
     _job_args(run)
+    run.add_argument("--dry-run", action="store_true", help="check the spec, model, manifest and output and print the plan; "
+                     "start no Ray, load no model, write nothing")
+    run.add_argument("--limit", type=_positive, metavar="N", help="run only the first N rows with work left (a smoke run "
+                     "into the same OUTPUT; the same command without --limit completes it)")
     run.set_defaults(fn=cmd_run)
     demo = sub.add_parser("demo", help="run a small job with a tiny random-weight model", parents=[common])
     demo.add_argument("--output", default="demo-output")

@@ -26,6 +26,7 @@ import ray
 from ray.data import ActorPoolStrategy, DataContext
 
 from jobs.ray_io import ManifestDatasource, OutputDatasink, RunRecord
+from jobs.resources import Pool, check_placement, cluster_nodes, local_nodes
 from jobs.writer import ShardWriter
 from pipeline.card import write_card
 from pipeline.encode import encode_block
@@ -48,7 +49,8 @@ from pipeline.scoring import ScoreStage, check_scores, score_columns, score_cont
 from pipeline.sink import OUTPUT_COLUMNS, SinkConfig
 from pipeline.spec import JobSpec, SpecError, StageConfig
 from pipeline.stages import StageGroup
-from pipeline.validate import ExpandConfig, expand_block
+from pipeline.storage import redact
+from pipeline.validate import ExpandConfig, end_of_first_pending, expand_block
 
 log = logging.getLogger("genfleet")
 
@@ -67,6 +69,10 @@ class GroupPlan:
     def name(self) -> str:
         return self.stages[0][0]
 
+    @property
+    def min_replicas(self) -> int:
+        return self.cfg.replicas if isinstance(self.cfg.replicas, int) else self.cfg.replicas[0]
+
 
 @dataclass(frozen=True)
 class Job:
@@ -83,6 +89,7 @@ class Job:
     extras: dict[str, str]  # manifest column -> output column
     skip: dict[str, frozenset[int]]  # manifest file identity -> row groups with nothing left to do
     score: GroupPlan | None = None  # the job's score stage (scores: in the spec), after the family's last
+    end_ordinal: int | None = None  # --limit: rows from this manifest ordinal on are left for a later run
 
 
 LOCAL_RAY_RECORDS = Path(tempfile.gettempdir()) / "genfleet-local-ray"
@@ -150,7 +157,7 @@ def connect(spec: JobSpec) -> bool:
     True when this call connected (and so the job should disconnect at its end)."""
     if ray.is_initialized():
         return False
-    address = spec.ray.address or os.environ.get("RAY_ADDRESS")
+    address = _ray_address(spec)
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
         return True
@@ -207,6 +214,9 @@ def plan_groups(spec: JobSpec, stages: list[StageSpec]) -> list[GroupPlan]:
         if cfg.colocate:
             host = groups[-1]
             device = cfg.device or host.stages[0][1].device
+            if device == "cuda" and host.num_gpus == 0:
+                raise SpecError(f"stages.{st.name}: device cuda, but it is co-located with {host.name}, which has no GPU; "
+                                f"leave stages.{st.name}.device unset to run on its host's device")
             ctx = StageContext(spec.model, device, cfg.dtype or ("bfloat16" if device == "cuda" else "float32"), cfg.options)
             host.stages.append((st.name, ctx, keep))
             continue
@@ -245,14 +255,28 @@ def _skip_groups(job: Job, retry_errors: bool) -> dict[str, frozenset[int]]:
             for f in job.manifest.files}
 
 
-def check_resources(groups: list[GroupPlan]) -> None:
-    """Fail fast, instead of waiting forever, when a stage needs GPUs the cluster lacks."""
-    have = ray.cluster_resources().get("GPU", 0)
-    for g in groups:
-        need = g.num_gpus * (g.cfg.replicas if isinstance(g.cfg.replicas, int) else g.cfg.replicas[0])
-        if need > have:
-            raise SpecError(f"stages.{g.name}: needs {need:g} GPU(s) for its replicas, the Ray cluster has {have:g}; "
-                            f"set stages.{g.name}.num_gpus=0 to run it on CPU, or fewer replicas")
+def _groups(job: Job) -> list[GroupPlan]:
+    return job.groups + ([job.score] if job.score else [])
+
+
+def _pools(job: Job) -> list[Pool]:
+    return [Pool(g.name, g.num_gpus, g.num_cpus, g.min_replicas) for g in _groups(job)]
+
+
+def _ray_address(spec: JobSpec) -> str | None:
+    return spec.ray.address or os.environ.get("RAY_ADDRESS")
+
+
+def check_fits_before_start(job: Job) -> None:
+    """A local start: will the Ray it starts hold every stage? Asked before starting it."""
+    if not ray.is_initialized() and not _ray_address(job.spec):
+        nodes, why = local_nodes(job.spec)
+        check_placement(_pools(job), nodes, f"the local Ray ({why})")
+
+
+def check_fits(job: Job) -> None:
+    """Against the Ray this driver is connected to, node by node."""
+    check_placement(_pools(job), cluster_nodes(ray.nodes()), "the Ray cluster" if _ray_address(job.spec) else "the local Ray")
 
 
 def _pool(replicas) -> ActorPoolStrategy:
@@ -273,7 +297,7 @@ def build_dataset(job: Job, done):
     pack = pack_size(job)
     ds = ray.data.read_datasource(ManifestDatasource(job.manifest, job.skip))
     expand = ExpandConfig(family=spec.family, job_seed=spec.seed, sampler=spec.sampler, max_prompt_chars=spec.max_prompt_chars,
-                          duplicates=job.plan.duplicates, committed=done, extras=job.extras)
+                          duplicates=job.plan.duplicates, committed=done, extras=job.extras, end_ordinal=job.end_ordinal)
     # whole blocks, as the validation actor of earlier versions took them: the same blocks downstream
     ds = ds.map_batches(expand_block, fn_kwargs={"config": expand}, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
     if any(t.inputs for t in job.family.tasks.values()):
@@ -295,14 +319,59 @@ def build_dataset(job: Job, done):
                           batch_format="pyarrow", num_cpus=0.5)
 
 
+def _limited(job: Job, limit: int, retry_errors: bool) -> Job:
+    """Only the first `limit` rows with work left: the rest of the manifest is not read."""
+    end = end_of_first_pending(job.manifest, job.skip, job.plan.duplicates, job.log.done(retry_errors), limit)
+    if end is None:  # fewer rows than that are left: the whole run
+        return job
+    skip = {f.identity: job.skip.get(f.identity, frozenset()) | {g for g, first in enumerate(f.first_ordinal + f.group_starts()) if first >= end}
+            for f in job.manifest.files}
+    return dataclasses.replace(job, end_ordinal=end, skip=skip)
+
+
+def _nothing_to_do(job: Job, before: Tally, new_run: bool, retry_errors: bool) -> bool:
+    return (not new_run and not len(job.log.retry) and before.pairs >= job.plan.expected_pairs
+            and not (retry_errors and before.errors))
+
+
+def dry_run(spec: JobSpec, *, new_run: bool = False, retry_errors: bool = False) -> dict:
+    """--dry-run: every check a run makes before Ray (spec, model, manifest, output, whether
+    the stages fit a local Ray) and the plan, without starting Ray or loading a model."""
+    job = prepare(spec, new_run=new_run)
+    before = Tally.of(c.result for c in job.log.commits)
+    if _ray_address(spec):
+        fits = f"not checked before the run: the cluster at {redact(_ray_address(spec) or '')} is checked when the run connects"
+    else:
+        nodes, why = local_nodes(spec)
+        check_placement(_pools(job), nodes, f"the local Ray ({why})")
+        fits = f"every stage fits the local Ray ({nodes[0].cpus:g} CPUs, {nodes[0].gpus:g} GPUs: {why})"
+    redo = before.errors if retry_errors else 0
+    return {
+        "family": job.family.name,
+        "model": redact(spec.model),
+        "manifest": f"{redact(job.manifest.url)}: {len(job.manifest.files)} file(s), {job.plan.num_rows} rows, "
+                    f"{len(job.plan.duplicates)} duplicate id(s)",
+        "expected_pairs": job.plan.expected_pairs,
+        "committed_pairs": before.pairs,
+        "pairs_to_run": 0 if _nothing_to_do(job, before, new_run, retry_errors) else max(job.plan.expected_pairs - before.pairs + redo, 0)
+        + len(job.log.retry),
+        "stages": {" + ".join(n for n, _, _ in g.stages): f"{g.min_replicas if g.cfg.replicas == g.min_replicas else g.cfg.replicas} "
+                   f"replica(s) x {g.num_gpus:g} GPU / {g.num_cpus:g} CPU, batch {g.batch_size}, "
+                   f"{g.stages[0][1].device} {g.stages[0][1].dtype}" for g in _groups(job)},
+        "resources": fits,
+    }
+
+
 def run_job(spec: JobSpec, *, new_run: bool = False, retry_errors: bool = False, takeover: bool = False,
-            interactive: bool | None = None) -> dict:
+            interactive: bool | None = None, limit: int | None = None) -> dict:
+    """Run the job to its end. `limit`: only the first `limit` rows with work left (a smoke
+    run; the same command without it completes the output)."""
     started = time.time()
     job = prepare(spec, new_run=new_run)
     before = Tally.of(c.result for c in job.log.commits)
     log.info("manifest: %d rows in %d file(s), %d (id, sample) pairs expected, %d already committed",
              job.plan.num_rows, len(job.manifest.files), job.plan.expected_pairs, before.pairs)
-    if not new_run and not len(job.log.retry) and before.pairs >= job.plan.expected_pairs and not (retry_errors and before.errors):
+    if _nothing_to_do(job, before, new_run, retry_errors):
         result = summary(before, Tally(), expected=job.plan.expected_pairs, started_at=started, status="completed",
                          model_fingerprint=job.fingerprint["model"])
         write_summary(spec.output, result)  # nothing to do: no Ray, no model
@@ -311,7 +380,10 @@ def run_job(spec: JobSpec, *, new_run: bool = False, retry_errors: bool = False,
         write_card(spec.output, job.sink.family, job.sink.model)  # (an output of a version that wrote none)
         write_report_after_run(spec.output)
         return result
+    check_fits_before_start(job)
     job = dataclasses.replace(job, skip={} if new_run else _skip_groups(job, retry_errors))
+    if limit is not None:
+        job = _limited(job, limit, retry_errors)
     lease = acquire(spec.output, takeover=takeover)  # one writer per OUTPUT, before anything starts
     job = dataclasses.replace(job, sink=dataclasses.replace(job.sink, lease_owner=lease.owner))
     with Heartbeat(spec.output, lease) as heartbeat:
@@ -330,7 +402,7 @@ def _execute(job: Job, new_run: bool, retry_errors: bool, started: float, intera
     ctx.enable_progress_bars = False  # genfleet shows its own progress
     ctx.execution_options.preserve_order = True  # same manifest, same batches: the same bytes
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    check_resources(job.groups + ([job.score] if job.score else []))
+    check_fits(job)
     done = job.log.done(retry_errors)
     ds = build_dataset(job, done)
     run = RunRecord(job.fingerprint, spec.manifest, job.plan.expected_pairs, new_run, retry_errors, job.log, started, job.plan)
@@ -363,6 +435,8 @@ def _execute(job: Job, new_run: bool, retry_errors: bool, started: float, intera
         write_report_after_run(spec.output)  # completed, incomplete, stopped or failed: after the summary
     result = sink.result
     assert result is not None
+    if result["missing"] and job.end_ordinal is not None:  # --limit: what is left waits for the next run
+        return {**result, "limited_to_rows_before": job.end_ordinal}
     if result["missing"]:
         retry = f"; {result['retryable']} failed transiently" if result["retryable"] else ""
         raise JobIncomplete(f"{result['missing']} of {result['expected']} (id, sample) pairs were not committed{retry}: "

@@ -126,6 +126,7 @@ class JobSpec(_Strict):
     inputs: InputsConfig = Field(default_factory=InputsConfig)
     max_prompt_chars: int = Field(default=4000, ge=1)
     scores: ScoresConfig = Field(default_factory=ScoresConfig)
+    cpu: bool = False  # every stage (and scorer) on CPU, whatever its config says: trying a job on a laptop
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -136,8 +137,15 @@ class JobSpec(_Strict):
                 raise ValueError(f"{name} must not be empty")
         return self
 
+    @model_validator(mode="after")
+    def _on_cpu(self):
+        if self.cpu and self.scores.clip is not None:
+            self.scores.clip = self.scores.clip.model_copy(update={"num_gpus": 0.0, "device": "cpu"})
+        return self
+
     def stage(self, name: str) -> StageConfig:
-        return self.stages.get(name) or StageConfig()
+        cfg = self.stages.get(name) or StageConfig()
+        return cfg.model_copy(update={"num_gpus": 0.0, "device": "cpu"}) if self.cpu else cfg
 
     def output_fingerprint(self, model_fingerprint: str, placement: dict[str, dict], scores: dict[str, Any] | None = None) -> dict[str, Any]:
         """Everything that changes the bytes of the outputs (and nothing else:

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from pipeline.families import get_family
 from pipeline.family import parse_params
 from pipeline.keys import KeySet, pair_hashes
-from pipeline.manifest import ORDINAL
+from pipeline.manifest import ORDINAL, Manifest, read_file_rows
 from pipeline.plan import MAX_SAMPLES_PER_ROW, sample_counts, samples_of
 from pipeline.rows import to_block
 from pipeline.sample import RowError, Sample
@@ -103,7 +103,51 @@ class ExpandConfig:
     duplicates: dict[int, int]
     committed: KeySet
     extras: dict[str, str]
+    end_ordinal: int | None = None  # --limit: rows from this ordinal on wait for a later run
     token: str = field(default_factory=lambda: uuid.uuid4().hex)  # one job's config: its Expand is built once per worker
+
+
+def committed_pairs(table: pa.Table, duplicates: dict[int, int], committed: KeySet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which of each row's pairs are committed, in bulk (one hash and one lookup for the
+    whole table). Row r's candidates are done[first[r]: first[r] + counts[r]]: its samples
+    0..n-1, then its error record's key. `table`: id, ORDINAL and (optionally) num_samples."""
+    ids = pc.fill_null(table.column("id"), "") if "id" in table.column_names else pa.array([""] * table.num_rows)
+    n = sample_counts(table.column("num_samples")) if "num_samples" in table.column_names else np.ones(table.num_rows, np.int8)
+    ordinals = table.column(ORDINAL).to_numpy()
+    error_index = -np.array([duplicates.get(int(o), 0) + 1 for o in ordinals], np.int64)
+    counts = n.astype(np.int64) + 1
+    row_of = np.repeat(np.arange(table.num_rows), counts)
+    first = np.cumsum(counts) - counts
+    index = np.arange(len(row_of)) - first[row_of]
+    index[first + counts - 1] = error_index
+    return committed.contains(pair_hashes(pc.take(ids, pa.array(row_of)), pa.array(index))), first, counts
+
+
+def pending_rows(table: pa.Table, duplicates: dict[int, int], committed: KeySet) -> np.ndarray:
+    """Per row: does a run still have work in it (a sample to make, or an error to record)?
+    As Expand decides it, without validating: a row whose error record is committed has none."""
+    done, first, counts = committed_pairs(table, duplicates, committed)
+    last = first + counts - 1
+    missing = (~done).astype(np.int64)
+    todo = np.add.reduceat(missing, first) - missing[last] if len(done) else np.zeros(0, np.int64)
+    dup = np.isin(table.column(ORDINAL).to_numpy(), np.fromiter(duplicates, np.int64, len(duplicates)))
+    return ~done[last] & ((todo > 0) | dup)
+
+
+def end_of_first_pending(manifest: Manifest, skip: dict[str, frozenset[int]], duplicates: dict[int, int], committed: KeySet,
+                         limit: int) -> int | None:
+    """--limit: the ordinal just past the first `limit` rows with work left, in manifest
+    order (None: fewer rows than that have any). Reads the id columns of row groups with
+    work left, and stops as soon as it has seen enough."""
+    cols = ["id", "num_samples"] if "num_samples" in manifest.schema.names else ["id"]
+    seen = 0
+    for f in manifest.files:
+        for table in read_file_rows(manifest.url_of(f), f, cols, skip_groups=skip.get(f.identity, frozenset())):
+            pending = np.flatnonzero(pending_rows(table, duplicates, committed))
+            if seen + len(pending) >= limit:
+                return int(table.column(ORDINAL)[int(pending[limit - seen - 1])].as_py()) + 1
+            seen += len(pending)
+    return None
 
 
 _EXPANDERS: dict[str, Expand] = {}
@@ -124,10 +168,11 @@ class Expand:
     """Manifest rows -> validated samples (batch function over Arrow tables)."""
 
     def __init__(self, family: str, *, job_seed: int, sampler: dict[str, dict], max_prompt_chars: int,
-                 duplicates: dict[int, int], committed: KeySet, extras: dict[str, str]):
+                 duplicates: dict[int, int], committed: KeySet, extras: dict[str, str], end_ordinal: int | None = None):
         self.family, self.job_seed, self.sampler = get_family(family), job_seed, sampler
         self.max_prompt_chars, self.duplicates, self.committed = max_prompt_chars, duplicates, committed
         self.extras = extras  # manifest column -> output column name
+        self.end_ordinal = end_ordinal
 
     def check(self, m: dict) -> dict:
         """Raises RowError for a bad row; returns the fields of its samples and num_samples."""
@@ -167,18 +212,8 @@ class Expand:
                 "seed": self.job_seed if seed is None else seed, "params": params, "inputs": inputs, "num_samples": n}
 
     def pending(self, table: pa.Table) -> list[tuple[list[int], bool]]:
-        """Per row, the sample indices not committed yet, and whether its error record is
-        committed. In bulk: one hash and one lookup for the whole block's candidate pairs."""
-        ids = pc.fill_null(table.column("id"), "") if "id" in table.column_names else pa.array([""] * table.num_rows)
-        n = sample_counts(table.column("num_samples")) if "num_samples" in table.column_names else np.ones(table.num_rows, np.int8)
-        ordinals = table.column(ORDINAL).to_numpy()
-        error_index = -np.array([self.duplicates.get(int(o), 0) + 1 for o in ordinals], np.int64)
-        counts = n.astype(np.int64) + 1  # each row: its samples 0..n-1, and its error record's key
-        row_of = np.repeat(np.arange(table.num_rows), counts)
-        first = np.cumsum(counts) - counts
-        index = np.arange(len(row_of)) - first[row_of]
-        index[first + counts - 1] = error_index
-        done = self.committed.contains(pair_hashes(pc.take(ids, pa.array(row_of)), pa.array(index)))
+        """Per row, the sample indices not committed yet, and whether its error record is committed."""
+        done, first, counts = committed_pairs(table, self.duplicates, self.committed)
         out = []
         for r in range(table.num_rows):
             lo, hi = first[r], first[r] + counts[r] - 1
@@ -186,6 +221,8 @@ class Expand:
         return out
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        if self.end_ordinal is not None:
+            table = table.filter(pc.less(table.column(ORDINAL), self.end_ordinal))
         out: list[Sample] = []
         for m, (todo, error_done) in zip(manifest_rows(table), self.pending(table)):
             if not todo and m[ORDINAL] not in self.duplicates:  # every sample committed: nothing to validate

@@ -1,0 +1,99 @@
+"""Will the job's actors fit? One answer for every stage, per node, before anything waits.
+
+Ray Data waits forever for an actor that no node can hold, so the driver checks first:
+each replica must fit on one node (a stage with `num_gpus: 2` needs a node with 2 GPUs,
+not 2 GPUs somewhere in the cluster). For a local start the check runs before Ray starts,
+against what the local Ray will declare; against a running cluster, right after connecting.
+Every stage that does not fit is named in one message.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pipeline.spec import JobSpec, SpecError
+
+# CPU the actors must leave for the plain tasks (reading with validation, encoding) to run at all
+TASK_CPUS = 0.75
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    cpus: float
+    gpus: float
+
+
+@dataclass(frozen=True)
+class Pool:
+    """One actor pool's demand: `min_replicas` actors of `num_gpus` and `num_cpus` each."""
+
+    name: str
+    num_gpus: float
+    num_cpus: float
+    min_replicas: int
+
+
+def local_gpus() -> tuple[float, str]:
+    """The GPUs a local Ray start will declare by itself (CUDA_VISIBLE_DEVICES applies), and why."""
+    import torch
+
+    n = torch.cuda.device_count()
+    return float(n), f"{n} CUDA device(s) visible" if n else "no CUDA device visible"
+
+
+def local_nodes(spec: JobSpec) -> tuple[list[Node], str]:
+    """The one node a local start makes (jobs/driver.py connect), and a phrase saying why it has its GPUs."""
+    cpus = float(spec.ray.num_cpus or max(4, os.cpu_count() or 1))
+    if spec.ray.num_gpus is not None:
+        gpus, why = float(spec.ray.num_gpus), "ray.num_gpus"
+    else:
+        gpus, why = local_gpus()
+    return [Node("local", cpus, gpus)], why
+
+
+def cluster_nodes(nodes: list[dict]) -> list[Node]:
+    """Nodes as `ray.nodes()` lists them (the alive ones)."""
+    return [Node(n.get("NodeManagerAddress", n.get("NodeID", "?")), float(n["Resources"].get("CPU", 0)), float(n["Resources"].get("GPU", 0)))
+            for n in nodes if n.get("Alive")]
+
+
+def _describe(nodes: Sequence[Node]) -> str:
+    if len(nodes) == 1:
+        return f"1 node: {nodes[0].cpus:g} CPUs, {nodes[0].gpus:g} GPUs"
+    return f"{len(nodes)} nodes: " + ", ".join(f"{n.name} {n.cpus:g} CPUs/{n.gpus:g} GPUs" for n in nodes)
+
+
+def placement_problems(pools: Sequence[Pool], nodes: Sequence[Node]) -> list[str]:
+    """Place each pool's minimum replicas on the nodes, largest first (first fit); a
+    replica that fits on no node is a problem of its stage. Empty: everything fits."""
+    free = [[n.gpus, n.cpus] for n in nodes]
+    replicas = sorted(((p, i) for p in pools for i in range(p.min_replicas)), key=lambda r: (-r[0].num_gpus, -r[0].num_cpus))
+    short: dict[str, int] = {}
+    for pool, _ in replicas:
+        for room in free:
+            if room[0] >= pool.num_gpus - 1e-9 and room[1] >= pool.num_cpus - 1e-9:
+                room[0] -= pool.num_gpus
+                room[1] -= pool.num_cpus
+                break
+        else:
+            short[pool.name] = short.get(pool.name, 0) + 1
+    problems = []
+    for p in pools:
+        if p.name in short:
+            need = f"{p.num_gpus:g} GPU(s) and {p.num_cpus:g} CPU(s) per replica on one node"
+            problems.append(f"stages.{p.name} needs {need}; {short[p.name]} of its {p.min_replicas} replica(s) do not fit")
+    if not problems and sum(room[1] for room in free) < TASK_CPUS - 1e-9:
+        problems.append(f"the stages' actors take every CPU; reading and encoding need {TASK_CPUS:g} more")
+    return problems
+
+
+def check_placement(pools: Sequence[Pool], nodes: Sequence[Node], where: str) -> None:
+    """Raise one SpecError naming every stage that cannot be placed on `nodes` (`where`: which Ray)."""
+    problems = placement_problems(pools, nodes)
+    if problems:
+        raise SpecError(f"the job does not fit {where} ({_describe(nodes)}): " + "; ".join(problems)
+                        + ". Run every stage on CPU with --cpu, put stages on CPU with --set stages.NAME.num_gpus=0, "
+                          "use fewer replicas, or declare GPUs with --set ray.num_gpus=N")
