@@ -239,7 +239,7 @@ def prepare(spec: JobSpec, *, new_run: bool = False) -> Job:
     groups = plan_groups(spec, stages)
     placement = {name: {"device": ctx.device, "dtype": ctx.dtype, "options": ctx.options} for g in groups for name, ctx, _ in g.stages}
     fingerprint = spec.output_fingerprint(family.model_fingerprint(spec.model), placement, scores)
-    commit_log = check_output(spec.output, fingerprint, new_run=new_run)
+    commit_log = check_output(spec.output, fingerprint, new_run=new_run, manifest=(spec.manifest, {f.identity for f in manifest.files}))
     sink = SinkConfig(output=spec.output, family=family.name, model=family.model_name(spec.model),
                       image_format=spec.output_options.image_format, webdataset=spec.output_options.webdataset,
                       extra_schema=pa.schema([pa.field(extras[n], manifest.schema.field(n).type) for n in manifest.extra_columns]),

@@ -195,8 +195,9 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return diffs
 
 
-def check_output(output: str, fingerprint: dict, *, new_run: bool) -> CommitLog:
-    """Read-only: may this job continue OUTPUT? Returns what it holds (nothing for a new run)."""
+def check_output(output: str, fingerprint: dict, *, new_run: bool, manifest: tuple[str, set[str]] | None = None) -> CommitLog:
+    """Read-only: may this job continue OUTPUT? Returns what it holds (nothing for a new run).
+    `manifest`: the job's manifest URL and its files' identities (see check_manifest)."""
     job = read_job(output)
     if job is not None and job["fingerprint"] != fingerprint and not new_run:
         diffs = "; ".join(_differences(job["fingerprint"], fingerprint))
@@ -205,7 +206,24 @@ def check_output(output: str, fingerprint: dict, *, new_run: bool) -> CommitLog:
     if new_run:
         empty = KeySet(np.zeros(0, np.uint64))
         return CommitLog([], empty, empty, empty)
-    return read_log(output)
+    log = read_log(output)
+    if manifest is not None:
+        check_manifest(job, *manifest, log)
+    return log
+
+
+def check_manifest(output_job: dict | None, manifest_url: str, identities: set[str], log: CommitLog) -> None:
+    """Refuse to continue an output that was made from another manifest: its recorded manifest
+    URL differs and none of the files its commits came from is in this manifest. (The same URL
+    may grow or rotate its files, as a nightly prefix does; a manifest moved elsewhere keeps
+    its files' identities.)"""
+    if output_job is None or not log.table.num_rows or output_job.get("manifest") in (None, redact(manifest_url)):
+        return
+    recorded = {f for f in pc.unique(log.table.column("file")).to_pylist() if f}
+    if recorded and not recorded & identities:
+        raise ResumeError(f"output holds a job made from another manifest ({output_job['manifest']}, none of whose "
+                          f"{len(recorded)} file(s) is in {redact(manifest_url)}); use another output, or pass --new-run "
+                          "to discard it and start over")
 
 
 def wipe(output: str) -> None:

@@ -117,3 +117,31 @@ def test_placement_is_per_node_not_the_cluster_sum():
     assert placement_problems([Pool("vae", 1, 1, 1), Pool("lmm", 2, 1, 1)], [Node("a", 8, 1), Node("b", 8, 2)]) == []
     assert placement_problems([Pool("prep", 0, 4, 2)], [Node("a", 8, 0)]) == [
         "the stages' actors take every CPU; reading and encoding need 0.75 more"]
+
+
+def test_an_output_refuses_another_manifest_but_not_the_same_files_moved(ray_cluster, tmp_path):
+    import shutil
+
+    from pipeline.resume import ResumeError
+
+    a, out = manifest(tmp_path / "a", n=4), tmp_path / "out"
+
+    def spec(m):
+        return load_spec(None, {"family": TOY, "model": "toy", "manifest": str(m.parent), "output": str(out)},
+                         ["stages.shade.device=cpu", "outputs.rows_per_shard=4"])
+
+    assert run_job(spec(a), interactive=False)["status"] == "completed"
+    other = tmp_path / "b" / "m" / "part-0.parquet"
+    other.parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([{"id": f"x{i}", "prompt": "other"} for i in range(10)]), other)
+    with pytest.raises(ResumeError, match=r"made from another manifest \(.*/a/m, none of whose 1 file\(s\) is in .*/b/m\)"):
+        run_job(spec(other), interactive=False)
+    # the same files under another root (copied with their times): the same job, nothing left to do
+    moved = tmp_path / "c" / "m" / "part-0.parquet"
+    moved.parent.mkdir(parents=True)
+    shutil.copy2(a, moved)
+    os.environ["RAY_ADDRESS"] = "127.0.0.1:9"  # a dead port: nothing-to-do must not need Ray
+    try:
+        assert run_job(spec(moved), interactive=False)["committed"] == 8
+    finally:
+        del os.environ["RAY_ADDRESS"]
