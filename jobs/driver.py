@@ -39,10 +39,11 @@ from pipeline.manifest import Manifest, open_manifest, output_names
 from pipeline.outcome import JobIncomplete, JobStopped
 from pipeline.plan import Plan, make_plan, save_cache
 from pipeline.policy import FetchPolicy
-from pipeline.report import Progress, Tally, summary, write_summary
+from pipeline.report import Progress, Tally, finish_run, summary
 from pipeline.report_html import write_report_after_run
 from pipeline.resume import CommitLog, check_output, write_index
 from pipeline.rows import MAX_PACK
+from pipeline.runs import RunEntry, start_entry
 from pipeline.sample import RowError
 from pipeline.scoring import STAGE as SCORE_STAGE
 from pipeline.scoring import ScoreStage, check_scores, score_columns, score_context
@@ -371,10 +372,11 @@ def run_job(spec: JobSpec, *, new_run: bool = False, retry_errors: bool = False,
     before = Tally.of(c.result for c in job.log.commits)
     log.info("manifest: %d rows in %d file(s), %d (id, sample) pairs expected, %d already committed",
              job.plan.num_rows, len(job.manifest.files), job.plan.expected_pairs, before.pairs)
+    entry = start_entry(started, manifest=job.manifest, plan=job.plan, retry_errors=retry_errors)
     if _nothing_to_do(job, before, new_run, retry_errors):
         result = summary(before, Tally(), expected=job.plan.expected_pairs, started_at=started, status="completed",
                          model_fingerprint=job.fingerprint["model"])
-        write_summary(spec.output, result)  # nothing to do: no Ray, no model
+        finish_run(spec.output, result, entry.begun(before.pairs), Tally())  # nothing to do: no Ray, no model; a run all the same
         save_cache(spec.output, job.plan)
         write_index(spec.output, job.log)
         write_card(spec.output, job.sink.family, job.sink.model)  # (an output of a version that wrote none)
@@ -389,14 +391,15 @@ def run_job(spec: JobSpec, *, new_run: bool = False, retry_errors: bool = False,
     with Heartbeat(spec.output, lease) as heartbeat:
         connected_here = connect(spec)
         try:
-            return _execute(job, new_run, retry_errors, started, interactive, heartbeat)
+            return _execute(job, new_run, retry_errors, started, interactive, heartbeat, entry)
         finally:
             if connected_here:
                 # Stop Ray, and the worker and GCS logs it forwards, before the CLI prints its last line.
                 disconnect()
 
 
-def _execute(job: Job, new_run: bool, retry_errors: bool, started: float, interactive: bool | None, heartbeat: Heartbeat) -> dict:
+def _execute(job: Job, new_run: bool, retry_errors: bool, started: float, interactive: bool | None, heartbeat: Heartbeat,
+             entry: RunEntry) -> dict:
     spec = job.spec
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # genfleet shows its own progress
@@ -405,7 +408,7 @@ def _execute(job: Job, new_run: bool, retry_errors: bool, started: float, intera
     check_fits(job)
     done = job.log.done(retry_errors)
     ds = build_dataset(job, done)
-    run = RunRecord(job.fingerprint, spec.manifest, job.plan.expected_pairs, new_run, retry_errors, job.log, started, job.plan)
+    run = RunRecord(job.fingerprint, spec.manifest, job.plan.expected_pairs, new_run, retry_errors, job.log, started, job.plan, entry)
     sink = OutputDatasink(job.sink, run)
     guard = ErrorRateGuard(spec.errors.max_rate, spec.errors.window)
     progress: Progress | None = None
@@ -427,8 +430,9 @@ def _execute(job: Job, new_run: bool, retry_errors: bool, started: float, intera
     except BaseException as e:
         # Ctrl-C is the user's choice, not a failure of the job: the same command resumes it
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped" if isinstance(e, JobStopped) else "failed"
-        write_summary(spec.output, summary(sink.before, this_run, expected=job.plan.expected_pairs, started_at=started, status=status,
-                                           model_fingerprint=job.fingerprint["model"]))
+        # (sink.entry is None when the run failed before it really started: then it has no record)
+        finish_run(spec.output, summary(sink.before, this_run, expected=job.plan.expected_pairs, started_at=started, status=status,
+                                        model_fingerprint=job.fingerprint["model"]), sink.entry, this_run)
         raise
     finally:
         progress.close()

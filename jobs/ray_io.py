@@ -2,9 +2,10 @@
 
 The reading and writing themselves live in pipeline/ (no Ray there); these classes
 only cut the work into Ray tasks and run the sink's lifecycle:
-    on_write_start     the run really starts: debris removed, errors retired, _job.json, README.md
+    on_write_start     the run really starts: debris removed, errors retired, _job.json, README.md,
+                       its record in _runs/ (running)
     write              one shard and its commit record -> ShardResult
-    on_write_complete  _summary.json from the earlier commits and this run's results
+    on_write_complete  _summary.json from the earlier commits and this run's results, its record ended
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from ray.data.datasource import Datasink, Datasource, ReadTask, WriteResult
 from pipeline.card import write_card
 from pipeline.manifest import Manifest, ManifestFile, read_file_rows
 from pipeline.plan import Plan, save_cache
-from pipeline.report import Tally, summary, write_summary
+from pipeline.report import Tally, finish_run, summary
 from pipeline.resume import CommitLog, begin_run, read_log, write_index
 from pipeline.rows import from_block
+from pipeline.runs import RunEntry, write_run
 from pipeline.sink import ShardResult, SinkConfig, write_shard
 
 READ_TASK_ROWS = 50_000
@@ -76,6 +78,7 @@ class RunRecord:
     log: CommitLog
     started_at: float
     plan: Plan | None = None  # its newly read files are cached when the run starts
+    entry: RunEntry | None = None  # its record in _runs/, written when it starts
 
 
 class OutputDatasink(Datasink[ShardResult | None]):
@@ -84,11 +87,12 @@ class OutputDatasink(Datasink[ShardResult | None]):
     def __init__(self, cfg: SinkConfig, run: RunRecord | None):
         self.cfg, self.run = cfg, run
         self.before = Tally()  # the commits of earlier runs, once started
+        self.entry: RunEntry | None = None  # this run's record in _runs/, once started
         self.result: dict | None = None  # the summary, once complete
 
     def __getstate__(self) -> dict:
         # write tasks need only where and how to write, not the run's commit log
-        return {"cfg": self.cfg, "run": None, "before": None, "result": None}
+        return {"cfg": self.cfg, "run": None, "before": None, "entry": None, "result": None}
 
     def on_write_start(self, schema=None) -> None:
         r = self.run
@@ -97,6 +101,9 @@ class OutputDatasink(Datasink[ShardResult | None]):
                             new_run=r.new_run, retry_errors=r.retry_errors, log=r.log)
         write_card(self.cfg.output, self.cfg.family, self.cfg.model)  # the output opens in `datasets` while it grows
         self.before = Tally.of(c.result for c in commits)
+        if r.entry is not None:
+            self.entry = r.entry.begun(self.before.pairs)
+            write_run(self.cfg.output, self.entry)
         if r.plan is not None:
             save_cache(self.cfg.output, r.plan)
 
@@ -111,7 +118,7 @@ class OutputDatasink(Datasink[ShardResult | None]):
                        model_fingerprint=self.run.fingerprint["model"])
         if data["missing"]:
             data["status"] = "incomplete"
-        write_summary(self.cfg.output, data)
+        finish_run(self.cfg.output, data, self.entry, this_run)
         write_index(self.cfg.output, read_log(self.cfg.output))  # the next start reads one file, not one per shard
         self.result = data
 

@@ -57,9 +57,14 @@ def read_lease(output: str) -> Lease | None:
         return None
 
 
+def this_host() -> str:
+    """The name a lease (and a run's record in _runs/) gives this machine."""
+    return socket.gethostname()
+
+
 def _dead_here(lease: Lease) -> bool:
     """The holder ran on this host and its process is gone (a crash, then the same command again)."""
-    if lease.host != socket.gethostname():
+    if lease.host != this_host():
         return False
     try:
         os.kill(lease.pid, 0)
@@ -84,7 +89,7 @@ def acquire(output: str, *, takeover: bool = False) -> Lease:
             raise LeaseHeld(f"{output} is being written by {held.describe()}; use --takeover if that job is dead")
         fs.rm_file(path)
     now = time.time()
-    mine = Lease(uuid.uuid4().hex, socket.gethostname(), os.getpid(), now, now)
+    mine = Lease(uuid.uuid4().hex, this_host(), os.getpid(), now, now)
     created = create_exclusive(fs, path, json.dumps(asdict(mine)).encode())
     winner = read_lease(output)
     if not created or winner is None or winner.owner != mine.owner:

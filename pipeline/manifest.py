@@ -67,6 +67,7 @@ class ManifestFile:
     row_groups: tuple[int, ...]  # rows per row group
     first_ordinal: int
     identity: str = ""  # its path below the manifest root, size and version: changes when the file does
+    rel: str = ""  # its path below the manifest root (what the run history names it by)
 
     def group_starts(self) -> np.ndarray:
         """Each row group's first row, within the file."""
@@ -165,7 +166,7 @@ def open_manifest(url: str, inputs: dict[str, bool] | None = None) -> Manifest:
         _check_schema(where, schema, types)
         groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
         rel = p[len(base):].lstrip("/") if p.startswith(base) else p
-        files.append(ManifestFile(p, meta.num_rows, groups, ordinal, file_identity(rel, info)))
+        files.append(ManifestFile(p, meta.num_rows, groups, ordinal, file_identity(rel, info), rel))
         schemas.append((where, schema))
         ordinal += meta.num_rows
     try:

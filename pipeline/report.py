@@ -6,11 +6,12 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 
-from pipeline.lease import Lease, alive, read_lease
+from pipeline.lease import Lease, read_lease
 from pipeline.resume import SUMMARY_FILE, NoJob, read_job, read_log
+from pipeline.runs import RunEntry, history, iso, run_state, write_run
 from pipeline.score_stats import describe
 from pipeline.score_stats import merge as merge_scores
 from pipeline.sink import ShardResult
@@ -18,6 +19,7 @@ from pipeline.storage import filesystem, join, write_atomic
 from pipeline.version import __version__
 
 log = logging.getLogger("genfleet")
+HISTORY_SHOWN = 10  # runs in `genfleet status`
 
 
 def _merge(into: dict[str, int], counts: dict[str, int]) -> None:
@@ -66,11 +68,6 @@ def stage_throughput(t: Tally) -> dict[str, float]:
     return {s: round(t.stage_rows[s] / sec, 3) for s, sec in t.stage_seconds.items() if sec > 0}
 
 
-def iso(t: float) -> str:
-    """A Unix time as ISO 8601 UTC, to the millisecond: 2025-01-31T12:00:00.000+00:00."""
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
-
-
 def summary(before: Tally, this_run: Tally, *, expected: int, started_at: float, status: str,
             model_fingerprint: str | None = None) -> dict:
     """The end-of-run summary: earlier runs' commits plus this run's. Transient failures
@@ -115,23 +112,23 @@ def write_summary(output: str, data: dict) -> None:
     write_atomic(fs, join(root, SUMMARY_FILE), json.dumps(data, indent=1).encode())
 
 
+def finish_run(output: str, data: dict, entry: RunEntry | None, this_run: Tally) -> None:
+    """A run's end: its summary (`data`), then its record in _runs/ with how it ended and
+    this run's counts (`entry` None: the run never really started, so it has no record)."""
+    write_summary(output, data)
+    if entry is not None:
+        counts = replace(entry.counts, committed=this_run.pairs, images=this_run.images, texts=this_run.texts,
+                         errors=this_run.errors, retryable=this_run.retryable)
+        write_run(output, replace(entry, status=data["status"], ended_at=datetime.fromisoformat(data["ended_at"]).timestamp(),
+                                  counts=counts, rows_per_second=data["this_run"]["rows_per_second"]))
+
+
 def read_summary(output: str) -> dict | None:
     fs, root = filesystem(output)
     try:
         return json.loads(fs.cat_file(join(root, SUMMARY_FILE)))
     except FileNotFoundError:
         return None
-
-
-def run_state(finished: dict | None, lease: Lease | None) -> str:
-    """`running` while a driver holds the lease and beats (pipeline/lease.py); otherwise how
-    the last run ended (its summary), or `dead`: its driver went without writing one (killed,
-    or its machine lost). A summary older than the lease is the previous run's."""
-    if lease is not None:
-        ended = datetime.fromisoformat(finished["ended_at"]).timestamp() if finished and "ended_at" in finished else None
-        if finished is None or (ended is not None and lease.since > ended):
-            return "running" if alive(lease) else "dead"
-    return finished["status"] if finished else "dead"
 
 
 def _driver(lease: Lease | None) -> str:
@@ -153,6 +150,7 @@ def status(output: str) -> dict:
     t = Tally.of(c.result for c in commits)
     # a transient failure is pending until a later shard holds its pair: count exactly when any exist
     pending = len(log.retry)
+    runs = history(output, job, commits, finished, lease, time.time(), last=HISTORY_SHOWN)
     run = job["runs"][-1]
     ended = finished if state not in ("running", "dead") else None  # (a summary beside a live lease is the last run's)
     elapsed = (ended or {}).get("this_run", {}).get("wall_seconds") or (time.time() - run["started_at"])
@@ -170,13 +168,32 @@ def status(output: str) -> dict:
         "rows_per_second": round(done_now / elapsed, 3) if elapsed > 0 else None,
         "stage_rows_per_second": stage_throughput(t),
         **describe(t.score_stats),
-        "runs": len(job["runs"]),
+        "runs": runs[-1].number if runs else 0,
+        "history": [r.brief() for r in runs],  # the last HISTORY_SHOWN runs, oldest first
     }
+
+
+def _cell(v) -> str:
+    if isinstance(v, list):
+        return ", ".join(map(str, v)) or "-"
+    return "-" if v is None else str(v)
+
+
+def _rows(items: list[dict]) -> list[str]:
+    """A list of flat dicts as an aligned table under its key: a header, then a line each."""
+    head = list(items[0]) if items else []
+    cells = [head, *([_cell(item.get(h)) for h in head] for item in items)]
+    widths = [max(len(row[c]) for row in cells) for c in range(len(head))]
+    return ["    " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
 
 
 def format_table(data: dict) -> str:
     lines = []
     for k, v in data.items():
+        if isinstance(v, list) and all(isinstance(x, dict) for x in v):
+            lines.append(f"  {k:<24} {'' if v else '-'}".rstrip())
+            lines += _rows(v) if v else []
+            continue
         if isinstance(v, dict):
             v = ", ".join(f"{a}={b}" for a, b in v.items()) or "-"
         lines.append(f"  {k:<24} {v}")

@@ -1,8 +1,9 @@
 """What the HTML report shows, read from an output (running or finished, any fsspec URL).
 
-It reads only what it needs: _job.json, _summary.json, the commit records' stats, a few
-rows of errors/ (only from shards whose stats hold a kind still lacking examples), the
-first rows of the images/ shards picked for the sample grid, and the clip_score column.
+It reads only what it needs: _job.json, _summary.json, the last runs' records in _runs/, the
+commit records' stats, a few rows of errors/ (only from shards whose stats hold a kind still
+lacking examples), the first rows of the images/ shards picked for the sample grid, and the
+clip_score column.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.lease import read_lease
-from pipeline.report import Tally, read_summary, run_state, stage_throughput
+from pipeline.report import Tally, read_summary, stage_throughput
 from pipeline.resume import Commit, NoJob, read_job, read_log
+from pipeline.runs import RunInfo, history, run_state
 from pipeline.score_stats import describe
 from pipeline.sink import image_bytes
 from pipeline.storage import filesystem, join, redact
@@ -31,6 +33,7 @@ THUMB_PX = 128
 EXAMPLES_PER_KIND = 3
 MAX_SCORE_SHARDS = 64  # shards read for the clip_score histogram
 MAX_MESSAGE_CHARS = 500
+MAX_RUNS_SHOWN = 50  # the last runs in the runs table (a nightly job gathers hundreds)
 IMAGE_COLUMNS = ("id", "sample_index", "image", "seed", "prompt", "sampler")
 # sink images are written one page per column chunk, so a shard's image column is read whole;
 # a buffered reader still stops early on files written with smaller pages
@@ -57,18 +60,6 @@ class ErrorExample:
 
 
 @dataclass(frozen=True)
-class RunInfo:
-    number: int  # 1-based, in _job.json's order
-    started_at: float
-    wall_seconds: float | None
-    wall_source: str  # where wall_seconds comes from: "summary", "last commit", "so far", or "-"
-    committed_before: int
-    committed: int  # (id, sample) pairs committed during this run
-    retry_errors: bool
-    commits: list[tuple[float, int]]  # (committed_at, pairs) of the shards this run committed
-
-
-@dataclass(frozen=True)
 class ReportData:
     output: str  # redacted
     state: str
@@ -77,7 +68,7 @@ class ReportData:
     counts: dict[str, int]
     errors_by_kind: dict[str, int]
     error_examples: dict[str, list[ErrorExample]]
-    runs: list[RunInfo]
+    runs: list[RunInfo]  # the last MAX_RUNS_SHOWN; the last one's number is how many there were
     stage_rows_per_second: dict[str, float]
     stage_rows: dict[str, int]
     thumbs: list[Thumb]
@@ -225,32 +216,6 @@ def read_errors(output: str, kind: str | None = None, per_kind: int = EXAMPLES_P
     return [ErrorKind(k, n, examples.get(k, [])) for k, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
-def runs_of(job: dict, commits: list[Commit], summary: dict | None, now: float) -> list[RunInfo]:
-    """_job.json's runs, each with the commits made while it ran (from their committed_at)."""
-    runs = job.get("runs", [])
-    starts = [r["started_at"] for r in runs]
-    mine: list[list[tuple[float, int]]] = [[] for _ in runs]
-    for c in commits:
-        at = c.result.committed_at
-        k = max((i for i, s in enumerate(starts) if s <= at), default=0)  # worker clocks may run a bit behind
-        if mine:
-            mine[k].append((at, c.result.pairs))
-    out = []
-    for i, r in enumerate(runs):
-        last = i == len(runs) - 1
-        times = sorted(mine[i])
-        wall, source = r.get("wall_seconds"), "run record"
-        if wall is None and last and summary is not None and summary.get("this_run", {}).get("rows"):
-            wall, source = summary["this_run"].get("wall_seconds"), "summary"  # exact; a no-op resume has rows 0
-        elif wall is None and last and summary is None:
-            wall, source = now - r["started_at"], "so far"
-        elif wall is None and times:
-            wall, source = times[-1][0] - r["started_at"], "last commit"
-        out.append(RunInfo(i + 1, r["started_at"], wall, source if wall is not None else "-", r.get("committed_before", 0),
-                           sum(p for _, p in times), bool(r.get("retry_errors")), times))
-    return out
-
-
 def gather(output: str) -> ReportData:
     job = read_job(output)
     if job is None:
@@ -263,11 +228,13 @@ def gather(output: str) -> ReportData:
     thumbs, thumb_shards, has_score = read_thumbs(output, commits)
     scores, score_read, score_total = read_clip_scores(output, commits) if has_score else ([], 0, 0)
     now = time.time()
+    lease = read_lease(output)
     counts = {"expected": job["expected_pairs"], "committed": t.pairs, "missing": max(job["expected_pairs"] - t.pairs, 0),
               "images": t.images, "texts": t.texts, "errors": t.errors, "retryable": pending, "shards": t.shards}
     return ReportData(
-        output=redact(output), state=run_state(summary, read_lease(output)), generated_at=now, job=job,
+        output=redact(output), state=run_state(summary, lease), generated_at=now, job=job,
         counts=counts, errors_by_kind=dict(sorted(t.errors_by_kind.items())), error_examples=read_error_examples(output, commits),
-        runs=runs_of(job, commits, summary, now), stage_rows_per_second=stage_throughput(t), stage_rows=t.stage_rows,
+        runs=history(output, job, commits, summary, lease, now, last=MAX_RUNS_SHOWN), stage_rows_per_second=stage_throughput(t),
+        stage_rows=t.stage_rows,
         thumbs=thumbs, thumb_shards=thumb_shards, clip_scores=scores if has_score else None,
         clip_score_shards=(score_read, score_total), clip_score_stats=describe(t.score_stats).get("clip_score"))

@@ -13,9 +13,10 @@ import math
 import time
 from html import escape
 
-from pipeline.report_data import ReportData, RunInfo, Thumb, gather
+from pipeline.report_data import ReportData, Thumb, gather
 from pipeline.report_svg import Bar, BarGroup, bar_list, column_chart, histogram
 from pipeline.resume import NoJob
+from pipeline.runs import RunInfo
 from pipeline.score_stats import describe, stats_of
 from pipeline.storage import filesystem, join, redact, write_atomic
 
@@ -24,6 +25,7 @@ REPORT_FILE = "report.html"
 BIN_SECONDS = (5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 86400)
 MAX_BINS = 120  # across the runs shown
 MAX_RUNS_PLOTTED = 8
+MAX_FILES_LISTED = 5  # new manifest files named per run (a first night sees them all)
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
@@ -100,11 +102,25 @@ def counts_section(d: ReportData) -> str:
     return f'<h2>Counts</h2><div class="cards" id="counts">{cards}</div>'
 
 
+def _new_files(r: RunInfo) -> str:
+    """The manifest files new in this run (the first few of many); "-" when not recorded (an older version's run)."""
+    if not r.entry.recorded:
+        return "-"
+    files = r.entry.new_manifest_files
+    more = f" and {len(files) - MAX_FILES_LISTED:,} more" if len(files) > MAX_FILES_LISTED else ""
+    return (", ".join(f"<code>{esc(f)}</code>" for f in files[:MAX_FILES_LISTED]) + esc(more) or "none") + \
+        f' <span class="sub">(of {r.entry.manifest_files:,})</span>'
+
+
 def runs_section(d: ReportData) -> str:
-    rows = [[str(r.number), esc(_utc(r.started_at)), esc(_duration(r.wall_seconds)), esc(r.wall_source), f"{r.committed_before:,}",
-             f"{r.committed:,}", "yes" if r.retry_errors else ""] for r in d.runs]
-    head = ["run", "started", "wall time", "wall time from", "committed before", "committed in run", "--retry-errors"]
-    return f'<h2>Runs</h2><div id="runs">{_table(head, rows, frozenset({0, 4, 5}))}</div>'
+    rows = [[str(r.number), esc(_utc(r.started_at)), f'<span class="state {esc(r.state)}">{esc(r.state)}</span>',
+             esc(_duration(r.wall_seconds)), esc(r.wall_source), f"{r.committed_before:,}", f"{r.committed:,}", _new_files(r),
+             esc(r.entry.host or "-"), "yes" if r.retry_errors else ""] for r in d.runs]
+    head = ["run", "started", "status", "wall time", "wall time from", "committed before", "committed in run", "new manifest files",
+            "host", "--retry-errors"]
+    total = d.runs[-1].number if d.runs else 0
+    note = f'<p class="sub">The last {len(d.runs)} of {total:,} runs.</p>' if len(d.runs) < total else ""
+    return f'<h2>Runs</h2><div id="runs">{note}{_table(head, rows, frozenset({0, 5, 6}))}</div>'
 
 
 def _bin_seconds(runs: list[RunInfo]) -> int:

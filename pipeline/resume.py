@@ -27,6 +27,7 @@ from pipeline.storage import filesystem, join, redact, write_atomic
 JOB_FILE = "_job.json"
 INDEX_FILE = "_commits.index.parquet"  # the commit records folded into one file (a cache of _commits/)
 SUMMARY_FILE = "_summary.json"
+RUNS_DIR = "_runs"  # the run history: a record per run (pipeline/runs.py)
 RETIRED = "retired_errors"  # permanent errors set aside by --retry-errors (history)
 
 
@@ -228,7 +229,7 @@ def check_manifest(output_job: dict | None, manifest_url: str, identities: set[s
 
 def wipe(output: str) -> None:
     fs, root = filesystem(output)
-    for name in (*DATASETS, COMMITS, RETIRED):
+    for name in (*DATASETS, COMMITS, RETIRED, RUNS_DIR):
         if fs.exists(join(root, name)):
             fs.rm(join(root, name), recursive=True)
     for name in (JOB_FILE, SUMMARY_FILE, INDEX_FILE):
@@ -238,12 +239,12 @@ def wipe(output: str) -> None:
 
 def remove_debris(output: str, commits: list[Commit]) -> list[str]:
     """Delete shard files without a commit record, stray temp files (of shards, commit
-    records, _job.json and _summary.json), and errors files of shards whose errors were
-    retired (a --retry-errors run stopped midway)."""
+    records, run records, _job.json and _summary.json), and errors files of shards whose
+    errors were retired (a --retry-errors run stopped midway)."""
     fs, root = filesystem(output)
     by_name = {c.name: c.result for c in commits}
     removed = []
-    for where in (root, join(root, COMMITS)):  # a crash mid-write of _job.json, _summary.json or a commit record
+    for where in (root, join(root, COMMITS), join(root, RUNS_DIR)):  # a crash mid-write of _job.json, _summary.json or a record
         fs.invalidate_cache(where)
         try:
             strays = [p for p in fs.ls(where, detail=False) if ".tmp-" in p.rsplit("/", 1)[-1]]

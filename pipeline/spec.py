@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -9,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Dtype = Literal["float32", "bfloat16", "float16"]
+_PLACEHOLDER = re.compile(r"\{[^{}]*\}")
 
 
 class SpecError(ValueError):
@@ -179,8 +182,18 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def dated_output(output: str) -> str:
+    """`{date}` in an output becomes today's UTC date (YYYY-MM-DD): one output per night. It is
+    the only placeholder; any other `{...}` is an error rather than a directory of that name."""
+    for m in _PLACEHOLDER.finditer(output):
+        if m.group(0) != "{date}":
+            raise SpecError(f"output: {m.group(0)} in {output!r} is not a placeholder genfleet knows (only {{date}}, today's UTC date)")
+    return output.replace("{date}", datetime.now(UTC).date().isoformat())
+
+
 def load_spec(path: str | None, overrides: dict[str, Any] | None = None, sets: list[str] | None = None) -> JobSpec:
-    """YAML (optional) < explicit flags < --set KEY=VALUE (values parsed as YAML)."""
+    """YAML (optional) < explicit flags < --set KEY=VALUE (values parsed as YAML); then `{date}`
+    in the output is replaced (`dated_output`)."""
     data: dict[str, Any] = {}
     if path:
         try:
@@ -197,6 +210,8 @@ def load_spec(path: str | None, overrides: dict[str, Any] | None = None, sets: l
             raise SpecError(f"--set {item.strip()!r}: a setting needs KEY=VALUE, e.g. --set {item.strip() or 'seed'}=VALUE")
         k, v = item.split("=", 1)
         _set_dotted(data, k.strip(), yaml.safe_load(v))
+    if isinstance(data.get("output"), str):
+        data["output"] = dated_output(data["output"])
     try:
         return JobSpec.model_validate(data)
     except ValidationError as e:

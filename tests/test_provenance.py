@@ -1,7 +1,7 @@
 """A real driver subprocess (on the session's Ray): `status` says running while it beats; Ctrl-C
 (SIGINT) ends the run as `interrupted` with its provenance in _summary.json; a driver killed
-with SIGKILL leaves a job that `status` calls dead. Waits are on events (a commit record, the
-process's exit), never on the clock."""
+with SIGKILL leaves a job, and a last run in the history, that `status` calls dead. Waits are
+on events (a commit record, the process's exit), never on the clock."""
 
 import json
 import os
@@ -42,6 +42,7 @@ def test_status_running_interrupted_and_dead_with_provenance(ray_cluster, tmp_pa
     assert wait_for_commits(output, 1, driver), driver.communicate()[1][-3000:]
     st = status(output)
     assert st["state"] == "running" and st["driver"].split(",")[0].endswith(f":{driver.pid}"), st
+    assert [h["status"] for h in st["history"]] == ["running"]  # its record in _runs/, while its driver holds the lease
 
     driver.send_signal(signal.SIGINT)  # Ctrl-C
     _, err = driver.communicate()
@@ -52,6 +53,7 @@ def test_status_running_interrupted_and_dead_with_provenance(ray_cluster, tmp_pa
     started, ended = (datetime.fromisoformat(summary[k]) for k in ("started_at", "ended_at"))
     assert started.utcoffset().total_seconds() == 0 and started <= ended <= datetime.now(started.tzinfo)
     assert status(output)["state"] == "interrupted" and read_lease(output) is None
+    assert [h["status"] for h in status(output)["history"]] == ["interrupted"]
 
     again = start(ray_cluster, manifest, output)  # resumes; then dies without a word
     assert wait_for_commits(output, len(list_commits(output)) + 1, again), again.communicate()[1][-3000:]
@@ -60,5 +62,6 @@ def test_status_running_interrupted_and_dead_with_provenance(ray_cluster, tmp_pa
     again.wait()
     st = status(output)
     assert st["state"] == "dead" and f":{again.pid}," in st["driver"], st
+    assert [h["status"] for h in st["history"]] == ["interrupted", "dead"], st["history"]  # its record was left at running
     proc = subprocess.run([sys.executable, "-m", "jobs.cli", "status", output], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0 and "state                    dead" in proc.stdout and "run the same command again" in proc.stdout

@@ -7,6 +7,7 @@ killed, remote and missing outputs."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 from pathlib import Path
@@ -95,6 +96,8 @@ def test_report_renders_in_chromium(finished, tmp_path):
         samples = page.inner_text("#samples")
         assert SCRIPT_PROMPT in samples and "<b>r8</b>" in samples  # markup shown as text
         assert page.evaluate("document.querySelectorAll('script, #samples b, #errors b').length") == 0 and dialogs == []
+        runs = page.inner_text("#runs")  # the run history, from _runs/
+        assert "completed" in runs and "manifest.parquet" in runs and "run record" in runs
         counts = page.inner_text("#counts")
         assert "expected" in counts and "10" in counts  # 8 rows x 1 + 1 row x 2
         assert page.evaluate("document.documentElement.scrollWidth") <= 1280  # no sideways scrolling at 1280 px
@@ -113,14 +116,18 @@ def test_report_command_on_finished_and_killed_outputs(finished, tmp_path, capsy
     assert str(tmp_path / "finished.html") in capsys.readouterr().out
     assert 'class="state completed"' in (tmp_path / "finished.html").read_text()
 
-    killed = tmp_path / "killed"  # a run killed midway has no _summary.json
+    killed = tmp_path / "killed"  # a run killed midway has no _summary.json, and its record in _runs/ says running
     shutil.copytree(out, killed)
     (killed / "_summary.json").unlink()
     (killed / "report.html").unlink()
+    for record in (killed / "_runs").glob("*.json"):
+        record.write_text(json.dumps({**json.loads(record.read_text()), "status": "running", "ended_at": None}))
     assert main(["report", str(killed)]) == 0
     assert f"to {killed / 'report.html'}" in capsys.readouterr().out
     html = (killed / "report.html").read_text()
-    assert 'class="state dead"' in html and html.count("<img ") == 7 and "so far" in html
+    assert 'class="state dead"' in html and html.count("<img ") == 7
+    runs = html[html.index('<div id="runs">'):]
+    assert '<span class="state dead">dead</span>' in runs and "last commit" in runs  # no driver holds the lease
 
 
 def test_report_command_without_a_job(tmp_path, capsys):
