@@ -42,19 +42,39 @@ def cli(manifest, output, *args) -> subprocess.CompletedProcess:
 # --- the mapping -------------------------------------------------------------------------------
 
 
-def test_a_caption_manifest_runs_with_its_captions_as_prompts(ray_cluster, tmp_path):
-    manifest = write_manifest(str(tmp_path / "m.parquet"), captions(5))
-    out = tmp_path / "out"
-    result = run_job(spec_for(manifest, out, "manifest.columns.prompt=caption"), interactive=False)
-    assert result["status"] == "completed" and result["committed"] == result["expected"] == 5 and not result["errors_by_kind"]
+@pytest.fixture(scope="module")
+def captioned(ray_cluster, tmp_path_factory):
+    """One job over a manifest whose prompts are in `caption`, mapped: 3 captioned rows among
+    1,000 with empty captions (inside the first 1,000: the start-up check sees them)."""
+    d = tmp_path_factory.mktemp("captioned")
+    rows = [{"id": f"r{i:04d}", "caption": "", "source": f"src{i}"} for i in range(1003)]
+    for i in (10, 500, 990):
+        rows[i]["caption"] = f"a caption {i}"
+    manifest = write_manifest(str(d / "m.parquet"), rows)
+    out = d / "out"
+    result = run_job(spec_for(manifest, out, "manifest.columns.prompt=caption", "errors.max_rate=1", "outputs.rows_per_shard=200"),
+                     interactive=False)
+    return result, rows, manifest, out
+
+
+def test_a_caption_manifest_runs_with_its_captions_as_prompts(captioned):
+    result, rows, manifest, out = captioned
     images = pq.read_table(out / "images").to_pylist()
-    assert {r["id"]: r["prompt"] for r in images} == {r["id"]: r["caption"] for r in captions(5)}
+    assert {r["id"]: r["prompt"] for r in images} == {r["id"]: r["caption"] for r in rows if r["caption"]}
     # the mapped column is the prompt, not carried a second time; the others keep their names
-    assert "caption" not in images[0] and {r["id"]: r["source"] for r in images} == {r["id"]: r["source"] for r in captions(5)}
+    assert "caption" not in images[0]
+    assert {r["id"]: r["source"] for r in images} == {r["id"]: r["source"] for r in rows if r["caption"]}
     assert json.loads((out / "_job.json").read_text())["manifest"] == manifest
     # another mapping makes other outputs of the same rows: not resumed into the same OUTPUT
     with pytest.raises(ResumeError, match="manifest_columns.prompt: 'caption' -> 'source'"):
         prepare(spec_for(manifest, out, "manifest.columns.prompt=source"))
+
+
+def test_three_valid_rows_among_a_thousand_bad_ones_run(captioned):
+    result, rows, _, out = captioned
+    assert result["status"] == "completed" and result["committed"] == result["expected"] == 1003
+    assert result["errors_by_kind"] == {"empty_prompt": 1000}
+    assert pq.read_table(out / "errors", columns=["id"]).num_rows == 1000
 
 
 def test_without_the_mapping_the_job_stops_before_ray_with_one_line(tmp_path):
@@ -131,17 +151,6 @@ def test_the_plan_cache_of_one_id_column_is_not_another_s(tmp_path):
 
 
 # --- the same-kind stop ------------------------------------------------------------------------
-
-
-def test_three_valid_rows_among_a_thousand_bad_ones_run(ray_cluster, tmp_path):
-    rows = [{"id": f"r{i:04d}", "prompt": ""} for i in range(1003)]
-    for i in (10, 500, 990):  # inside the first 1000: the check sees them
-        rows[i]["prompt"] = f"good {i}"
-    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
-    out = tmp_path / "out"
-    result = run_job(spec_for(manifest, out, "errors.max_rate=1", "outputs.rows_per_shard=200"), interactive=False)
-    assert result["status"] == "completed" and result["errors_by_kind"] == {"empty_prompt": 1000}
-    assert sorted(pq.read_table(out / "images", columns=["id"])["id"].to_pylist()) == ["r0010", "r0500", "r0990"]
 
 
 def test_rows_that_fail_in_more_than_one_way_let_the_job_run(tmp_path):
