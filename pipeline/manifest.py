@@ -184,9 +184,11 @@ def _check_schema(where: str, schema: pa.Schema, types: dict, columns: Mapping[s
 
 def _check_mapping(columns: Mapping[str, str], types: dict) -> None:
     """What can be said of the mapping before any file is read."""
-    for name in columns:
+    for name, own in columns.items():
         if name not in types:
-            raise ManifestError(f"manifest.columns.{name}: not a column genfleet reads; map one of: {', '.join(types)}")
+            # the mapping the other way round is the likely slip
+            turned = f"; the other way round: manifest.columns.{own}={name}" if own in types else ""
+            raise ManifestError(f"manifest.columns.{name}: not a column genfleet reads; map one of: {', '.join(types)}{turned}")
     for own, count in Counter(columns.values()).items():
         if count > 1:
             names = ", ".join(f"manifest.columns.{n}" for n, o in columns.items() if o == own)

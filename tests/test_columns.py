@@ -102,6 +102,8 @@ def test_mapping_errors_stop_the_cli_with_their_message(tmp_path, capsys):
 @pytest.mark.parametrize("files, columns, message", [
     ({"a": {"id": ["x"], "caption": ["c"]}}, {"caption": "prompt"},
      "manifest.columns.caption: not a column genfleet reads; map one of: id, task, prompt"),
+    ({"a": {"id": ["x"], "caption": ["c"]}}, {"caption": "prompt"},
+     ", image; the other way round: manifest.columns.prompt=caption"),
     ({"a": {"id": ["x"], "caption": ["c"]}}, {"prompt": "caption", "negative_prompt": "caption"},
      "manifest.columns.prompt, manifest.columns.negative_prompt: all name column 'caption'"),
     ({"a": {"id": ["x"], "caption": ["c"]}, "b": {"id": ["y"], "text": ["c"]}}, {"prompt": "caption"},
