@@ -217,7 +217,7 @@ def _s3_urls(args) -> list[str]:
     if getattr(args, "spec", None) or getattr(args, "spec_json", None):
         try:
             spec = _spec(args)
-            urls += [spec.manifest, spec.output, spec.model]
+            urls += [spec.manifest.path, spec.output, spec.model]
         except Exception:  # noqa: BLE001 - a spec that does not load names no URLs
             pass
     return sorted({u for u in urls if isinstance(u, str) and u.startswith(("s3://", "s3a://"))})

@@ -51,7 +51,7 @@ from pipeline.sink import OUTPUT_COLUMNS, SinkConfig
 from pipeline.spec import JobSpec, SpecError, StageConfig
 from pipeline.stages import StageGroup
 from pipeline.storage import redact
-from pipeline.validate import ExpandConfig, end_of_first_pending, expand_block
+from pipeline.validate import ExpandConfig, check_first_rows, end_of_first_pending, expand_block
 
 log = logging.getLogger("genfleet")
 
@@ -234,13 +234,15 @@ def prepare(spec: JobSpec, *, new_run: bool = False) -> Job:
     family, stages = _check_family(spec)
     scores = check_scores(spec, family, [s.name for s in stages])  # the scorer's model, before Ray as the family's
     inputs = {inp.name: inp.many for t in family.tasks.values() for inp in t.inputs}
-    manifest = open_manifest(spec.manifest, inputs)
+    manifest = open_manifest(spec.manifest.path, inputs, spec.manifest.columns)
     extras = output_names(manifest.extra_columns, set(OUTPUT_COLUMNS) | set(family.scores) | set(score_columns(spec)))
     plan = make_plan(manifest, None if new_run else spec.output)
     groups = plan_groups(spec, stages)
     placement = {name: {"device": ctx.device, "dtype": ctx.dtype, "options": ctx.options} for g in groups for name, ctx, _ in g.stages}
     fingerprint = spec.output_fingerprint(family.model_fingerprint(spec.model), placement, scores)
-    commit_log = check_output(spec.output, fingerprint, new_run=new_run, manifest=(spec.manifest, {f.identity for f in manifest.files}))
+    commit_log = check_output(spec.output, fingerprint, new_run=new_run, manifest=(spec.manifest.path, {f.identity for f in manifest.files}))
+    if not commit_log.commits:  # before the first commit: a manifest whose rows all fail alike stops here, not as errors
+        check_first_rows(manifest, spec, plan.duplicates)
     sink = SinkConfig(output=spec.output, family=family.name, model=family.model_name(spec.model),
                       image_format=spec.output_options.image_format, webdataset=spec.output_options.webdataset,
                       extra_schema=pa.schema([pa.field(extras[n], manifest.schema.field(n).type) for n in manifest.extra_columns]),
@@ -303,7 +305,7 @@ def build_dataset(job: Job, done):
     ds = ds.map_batches(expand_block, fn_kwargs={"config": expand}, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
     if any(t.inputs for t in job.family.tasks.values()):
         i = spec.inputs
-        policy = FetchPolicy.for_manifest(spec.manifest, allow_local=i.allow_local, allow_urls=i.allow_urls,
+        policy = FetchPolicy.for_manifest(spec.manifest.path, allow_local=i.allow_local, allow_urls=i.allow_urls,
                                           max_bytes=i.max_bytes, max_pixels=i.max_pixels)
         ds = ds.map_batches(fetch_block, fn_kwargs={"policy": policy}, batch_format="pyarrow", num_cpus=0.25)
     for n, g in enumerate(job.groups):
@@ -408,7 +410,7 @@ def _execute(job: Job, new_run: bool, retry_errors: bool, started: float, intera
     check_fits(job)
     done = job.log.done(retry_errors)
     ds = build_dataset(job, done)
-    run = RunRecord(job.fingerprint, spec.manifest, job.plan.expected_pairs, new_run, retry_errors, job.log, started, job.plan, entry)
+    run = RunRecord(job.fingerprint, spec.manifest.path, job.plan.expected_pairs, new_run, retry_errors, job.log, started, job.plan, entry)
     sink = OutputDatasink(job.sink, run)
     guard = ErrorRateGuard(spec.errors.max_rate, spec.errors.window)
     progress: Progress | None = None

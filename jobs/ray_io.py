@@ -40,8 +40,10 @@ class ManifestDatasource(Datasource):
         return None
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
+        mapping = self.manifest.columns  # each task reads under the runner's column names
+
         def read(url: str, f: ManifestFile, skip: frozenset[int]):
-            return lambda: read_file_rows(url, f, skip_groups=skip)
+            return lambda: read_file_rows(url, f, skip_groups=skip, mapping=mapping)
 
         tasks = []
         for f in self.manifest.files:

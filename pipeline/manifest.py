@@ -1,16 +1,22 @@
 """Manifests: Parquet files (one file, a directory/prefix of shards, or a glob).
 
 Whole-manifest problems (unreadable file, no `id` column, wrong column types,
-no rows) raise ManifestError before any model loads. Row problems are left to
-pipeline.validate. Reading is by row group, streaming, with each row's global
-ordinal (file order is sorted, so ordinals are stable across runs).
+no rows, a column mapping that does not fit) raise ManifestError before any model
+loads. Row problems are left to pipeline.validate. Reading is by row group,
+streaming, with each row's global ordinal (file order is sorted, so ordinals are
+stable across runs).
+
+A column mapping (`manifest.columns`: the runner's name -> the manifest's) is applied
+here, to the schemas and to every table read: everything downstream sees only the
+runner's names.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
@@ -79,8 +85,13 @@ class Manifest:
     url: str
     protocol_prefix: str  # "s3://" etc. ("" for local paths): rebuilds full URLs
     files: tuple[ManifestFile, ...]
-    schema: pa.Schema  # unified schema of all files
+    schema: pa.Schema  # unified schema of all files, under the runner's names
     input_columns: tuple[str, ...] = ()  # the family's input columns (image, mask, images, ...)
+    columns: dict[str, str] = field(default_factory=dict)  # the mapping: the runner's name -> the manifest's column
+
+    def own_name(self, name: str) -> str:
+        """What the manifest itself calls the runner's column `name`."""
+        return self.columns.get(name, name)
 
     @property
     def num_rows(self) -> int:
@@ -93,6 +104,23 @@ class Manifest:
 
     def url_of(self, f: ManifestFile) -> str:
         return self.protocol_prefix + f.path
+
+    def first_rows(self, n: int) -> pa.Table:
+        """The manifest's first rows, with ORDINAL: n, or fewer when its first row group (of the
+        first file that has rows) holds fewer. A sample that reads no more than that."""
+        f = next(f for f in self.files if f.num_rows)
+        group = next(g for g, rows in enumerate(f.row_groups) if rows)
+        url = self.url_of(f)
+        fs, _ = filesystem(url)
+        with fs.open(f.path, "rb") as fh:
+            batches = pq.ParquetFile(fh).iter_batches(batch_size=min(n, f.row_groups[group]), row_groups=[group])
+            try:  # the first batch only: the reader streams the group's pages, it does not load the whole group
+                batch = next(batches)
+            except (OSError, pa.ArrowException) as e:
+                raise _unreadable(url, group, e) from None
+        start = f.first_ordinal + int(f.group_starts()[group])
+        table = _as_runner_names(pa.Table.from_batches([batch]), self.columns)
+        return table.append_column(ORDINAL, pa.array(np.arange(start, start + table.num_rows, dtype=np.int64)))
 
 
 def _hidden(path: str, root: str) -> bool:
@@ -134,9 +162,17 @@ def _list_files(url: str) -> tuple[fsspec.AbstractFileSystem, str, dict[str, dic
     return fs, base, dict(sorted(files.items()))
 
 
-def _check_schema(where: str, schema: pa.Schema, types: dict) -> None:
+def _label(name: str, columns: Mapping[str, str]) -> str:
+    """A column as the user knows it: its own name, and the runner's when it is mapped."""
+    return f"'{columns[name]}' (manifest.columns.{name})" if name in columns else f"'{name}'"
+
+
+def _check_schema(where: str, schema: pa.Schema, types: dict, columns: Mapping[str, str]) -> None:
+    """`schema` under the runner's names (the mapping applied); messages name the manifest's own."""
     if "id" not in schema.names:
-        raise ManifestError(f"manifest file {where}: required column 'id' is missing (columns: {', '.join(schema.names)})")
+        own = [columns.get(n, n) for n in schema.names]
+        raise ManifestError(f"manifest file {where}: required column 'id' is missing (columns: {', '.join(own)}); "
+                            "if the ids are in another column, map it: --set manifest.columns.id=<column>")
     for name in schema.names:
         if name.startswith(INTERNAL_PREFIX):
             raise ManifestError(f"manifest file {where}: column '{name}' uses the runner's reserved prefix {INTERNAL_PREFIX!r}")
@@ -144,14 +180,53 @@ def _check_schema(where: str, schema: pa.Schema, types: dict) -> None:
             t = schema.field(name).type
             ok, expected = types[name]
             if not (ok(t) or pa.types.is_null(t)):
-                raise ManifestError(f"manifest file {where}: column '{name}' has type {t}, expected {expected}")
+                raise ManifestError(f"manifest file {where}: column {_label(name, columns)} has type {t}, expected {expected}")
 
 
-def open_manifest(url: str, inputs: dict[str, bool] | None = None) -> Manifest:
+def _check_mapping(columns: Mapping[str, str], types: dict) -> None:
+    """What can be said of the mapping before any file is read."""
+    for name, own in columns.items():
+        if name not in types:
+            # the mapping the other way round is the likely slip
+            turned = f"; the other way round: manifest.columns.{own}={name}" if own in types else ""
+            raise ManifestError(f"manifest.columns.{name}: not a column genfleet reads; map one of: {', '.join(types)}{turned}")
+    for own, count in Counter(columns.values()).items():
+        if count > 1:
+            names = ", ".join(f"manifest.columns.{n}" for n, o in columns.items() if o == own)
+            raise ManifestError(f"{names}: all name column '{own}'; one manifest column stands for one column only")
+
+
+def _map_schema(where: str, schema: pa.Schema, columns: Mapping[str, str]) -> pa.Schema:
+    """One file's schema under the runner's names; its columns must fit the mapping."""
+    for name, own in columns.items():
+        if own not in schema.names:
+            raise ManifestError(f"manifest file {where}: column '{own}' (manifest.columns.{name}) is missing "
+                                f"(columns: {', '.join(schema.names)}); set manifest.columns.{name} to one of them")
+        # a column of the runner's name that the mapping does not itself move elsewhere (a swap is fine)
+        if name in schema.names and name not in columns.values():
+            raise ManifestError(f"manifest file {where}: has both a '{name}' column and '{own}' (manifest.columns.{name}): "
+                                f"which one is the {name} is ambiguous; drop the mapping or rename one of them")
+    renames = _renames(columns)
+    return pa.schema([f.with_name(renames.get(f.name, f.name)) for f in schema], metadata=schema.metadata)
+
+
+def _renames(mapping: Mapping[str, str]) -> dict[str, str]:
+    """The manifest's column -> the runner's name."""
+    return {own: name for name, own in mapping.items()}
+
+
+def _as_runner_names(table: pa.Table, mapping: Mapping[str, str]) -> pa.Table:
+    renames = _renames(mapping)
+    return table.rename_columns([renames.get(n, n) for n in table.column_names]) if renames else table
+
+
+def open_manifest(url: str, inputs: dict[str, bool] | None = None, columns: Mapping[str, str] | None = None) -> Manifest:
     """List and validate every file's footer (no row data is read). `inputs`: the
-    family's input columns, name -> True when the column holds a list of images."""
-    inputs = inputs or {}
+    family's input columns, name -> True when the column holds a list of images.
+    `columns`: the mapping (the runner's name -> the manifest's column)."""
+    inputs, columns = inputs or {}, dict(columns or {})
     types = {**RUNNER_COLUMNS, **{name: INPUT_LIST if many else INPUT for name, many in inputs.items()}}
+    _check_mapping(columns, types)
     fs, base, infos = _list_files(url)
     protocol = url.split("://", 1)[0] + "://" if "://" in url and not url.startswith("file://") else ""
     files, schemas, ordinal = [], [], 0
@@ -163,7 +238,8 @@ def open_manifest(url: str, inputs: dict[str, bool] | None = None) -> Manifest:
                 schema = meta.schema.to_arrow_schema()
         except Exception as e:  # noqa: BLE001 - any failure here makes the file unusable
             raise ManifestError(f"manifest file {where}: unreadable as Parquet ({type(e).__name__}: {redact(str(e))})") from None
-        _check_schema(where, schema, types)
+        schema = _map_schema(where, schema, columns)
+        _check_schema(where, schema, types, columns)
         groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
         rel = p[len(base):].lstrip("/") if p.startswith(base) else p
         files.append(ManifestFile(p, meta.num_rows, groups, ordinal, file_identity(rel, info), rel))
@@ -173,10 +249,10 @@ def open_manifest(url: str, inputs: dict[str, bool] | None = None) -> Manifest:
         unified = pa.unify_schemas([s for _, s in schemas], promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise ManifestError(f"manifest {redact(url)}: files disagree on column types: {e}") from None
-    _check_schema(redact(url), unified, types)
+    _check_schema(redact(url), unified, types, columns)
     if ordinal == 0:
         raise ManifestError(f"manifest {redact(url)}: is empty (0 rows in {len(files)} file(s))")
-    return Manifest(url, protocol, tuple(files), unified, tuple(inputs))
+    return Manifest(url, protocol, tuple(files), unified, tuple(inputs), columns)
 
 
 def output_names(extras: list[str], reserved: set[str]) -> dict[str, str]:
@@ -195,10 +271,14 @@ def _unreadable(url: str, group: int, e: Exception) -> ManifestError:
 
 
 def read_file_rows(url: str, f: ManifestFile, columns: list[str] | None = None,
-                   skip_groups: frozenset[int] = frozenset()) -> Iterator[pa.Table]:
+                   skip_groups: frozenset[int] = frozenset(), mapping: Mapping[str, str] | None = None) -> Iterator[pa.Table]:
     """Stream one manifest file as tables with an ORDINAL column, row group by row group
     (`skip_groups`: row groups a resumed run has nothing left to do in: never read); a row
-    group that cannot be read fails naming the file and the group."""
+    group that cannot be read fails naming the file and the group. `mapping`: the column
+    mapping (Manifest.columns); `columns` and the tables are under the runner's names."""
+    mapping = mapping or {}
+    if columns is not None:
+        columns = [mapping.get(c, c) for c in columns]
     fs, _ = filesystem(url)
     starts = f.first_ordinal + f.group_starts()
     with fs.open(f.path, "rb") as fh:
@@ -212,19 +292,22 @@ def read_file_rows(url: str, f: ManifestFile, columns: list[str] | None = None,
                 raise _unreadable(url, group, e) from None
             ordinal = int(starts[group])
             for batch in batches:
-                table = pa.Table.from_batches([batch])
+                table = _as_runner_names(pa.Table.from_batches([batch]), mapping)
                 n = table.num_rows
                 yield table.append_column(ORDINAL, pa.array(np.arange(ordinal, ordinal + n, dtype=np.int64)))
                 ordinal += n
 
 
-def read_group_columns(url: str, f: ManifestFile, columns: list[str]) -> Iterator[tuple[int, pa.Table]]:
-    """Whole row groups of a few columns (the plan's pass over the ids), with their index."""
+def read_group_columns(url: str, f: ManifestFile, columns: list[str],
+                       mapping: Mapping[str, str] | None = None) -> Iterator[tuple[int, pa.Table]]:
+    """Whole row groups of a few columns (the plan's pass over the ids), with their index;
+    `columns` and the tables under the runner's names, as in read_file_rows."""
+    mapping = mapping or {}
     fs, _ = filesystem(url)
     with fs.open(f.path, "rb") as fh:
         pf = pq.ParquetFile(fh)
         for group in range(pf.num_row_groups):
             try:
-                yield group, pf.read_row_group(group, columns=columns)
+                yield group, _as_runner_names(pf.read_row_group(group, columns=[mapping.get(c, c) for c in columns]), mapping)
             except (OSError, pa.ArrowException) as e:
                 raise _unreadable(url, group, e) from None

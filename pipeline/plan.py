@@ -10,6 +10,7 @@ file's identity), so a re-run reads only files it has not seen.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass, field
 
@@ -51,6 +52,7 @@ class FilePlan:
     identity: str
     hashes: np.ndarray  # uint64 per row
     samples: np.ndarray  # int8 per row
+    cache_name: str  # its name in the cache (_cache_name)
 
 
 @dataclass(frozen=True)
@@ -64,35 +66,49 @@ class Plan:
     new_files: tuple[FilePlan, ...] = ()  # read by this plan, not cached yet
 
 
+PLAN_COLUMNS = ("id", "num_samples")
+
+
+def _cache_name(manifest: Manifest, f: ManifestFile) -> str:
+    """The file's identity; and, when the mapping moves id or num_samples, which columns were
+    read as them: a plan of the file read through one mapping is not another's."""
+    own = [manifest.own_name(c) for c in PLAN_COLUMNS]
+    if own == list(PLAN_COLUMNS) or not f.identity:
+        return f.identity
+    return f"{f.identity}-{hashlib.blake2b(chr(31).join(own).encode(), digest_size=4).hexdigest()}"
+
+
 def _read_file(manifest: Manifest, f: ManifestFile) -> FilePlan:
-    cols = ["id", "num_samples"] if "num_samples" in manifest.schema.names else ["id"]
+    cols = [c for c in PLAN_COLUMNS if c in manifest.schema.names]
     url = manifest.url_of(f)
     hashes, samples = [], []
-    for _, t in read_group_columns(url, f, cols):
+    for _, t in read_group_columns(url, f, cols, manifest.columns):
         try:
             t.column("id").validate(full=True)
         except pa.ArrowInvalid as e:
-            raise ManifestError(f"manifest file {redact(url)}: column 'id' is not valid UTF-8 ({e})") from None
+            raise ManifestError(f"manifest file {redact(url)}: column '{manifest.own_name('id')}' is not valid UTF-8 ({e})") from None
         hashes.append(id_hashes(t.column("id")))
         samples.append(sample_counts(t.column("num_samples")) if "num_samples" in cols else np.ones(t.num_rows, np.int8))
-    return FilePlan(f.identity, np.concatenate(hashes or [np.zeros(0, np.uint64)]), np.concatenate(samples or [np.zeros(0, np.int8)]))
+    return FilePlan(f.identity, np.concatenate(hashes or [np.zeros(0, np.uint64)]), np.concatenate(samples or [np.zeros(0, np.int8)]),
+                    _cache_name(manifest, f))
 
 
-def _cache_path(root: str, identity: str) -> str:
-    return join(root, PLAN_DIR, f"{identity}.parquet")
+def _cache_path(root: str, name: str) -> str:
+    return join(root, PLAN_DIR, f"{name}.parquet")
 
 
-def _cached(output: str | None, f: ManifestFile) -> FilePlan | None:
+def _cached(output: str | None, manifest: Manifest, f: ManifestFile) -> FilePlan | None:
     if output is None or not f.identity:
         return None
     fs, root = filesystem(output)
+    name = _cache_name(manifest, f)
     try:
-        t = pq.read_table(io.BytesIO(fs.cat_file(_cache_path(root, f.identity))))
+        t = pq.read_table(io.BytesIO(fs.cat_file(_cache_path(root, name))))
     except (FileNotFoundError, OSError, pa.ArrowException):  # absent or damaged: read the file again
         return None
     if t.num_rows != f.num_rows:
         return None
-    return FilePlan(f.identity, t.column("hash").to_numpy(), t.column("samples").to_numpy())
+    return FilePlan(f.identity, t.column("hash").to_numpy(), t.column("samples").to_numpy(), name)
 
 
 def save_cache(output: str, plan: Plan) -> None:
@@ -102,14 +118,14 @@ def save_cache(output: str, plan: Plan) -> None:
         if fp.identity:
             buf = io.BytesIO()
             pq.write_table(pa.table({"hash": fp.hashes, "samples": fp.samples}), buf, compression="zstd")
-            write_atomic(fs, _cache_path(root, fp.identity), buf.getvalue())
+            write_atomic(fs, _cache_path(root, fp.cache_name), buf.getvalue())
 
 
 def make_plan(manifest: Manifest, output: str | None = None) -> Plan:
     """The plan of `manifest`, reading only files `output`'s plan cache does not hold."""
     per_file, new = [], []
     for f in manifest.files:
-        fp = _cached(output, f)
+        fp = _cached(output, manifest, f)
         if fp is None:
             fp = _read_file(manifest, f)
             new.append(fp)

@@ -115,10 +115,20 @@ class RayConfig(_Strict):
     num_gpus: float | None = None  # for a local start; may declare GPUs a CPU box lacks
 
 
+class ManifestConfig(_Strict):
+    """Where the manifest is, and which of its columns stand for the runner's (`manifest: URL`
+    is short for `manifest: {path: URL}`)."""
+
+    path: str  # a file, directory/prefix or glob (any fsspec URL)
+    # the runner's or the family's column name -> the manifest's column that holds it, as
+    # img2dataset's --caption_col: {prompt: caption}
+    columns: dict[str, str] = Field(default_factory=dict)
+
+
 class JobSpec(_Strict):
     family: str
     model: str
-    manifest: str
+    manifest: ManifestConfig
     output: str
     seed: int = Field(default=0, ge=0)
     sampler: dict[str, Any] = Field(default_factory=dict)  # overrides the family's defaults
@@ -135,8 +145,8 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _paths(self):
-        for name in ("model", "manifest", "output"):
-            if not getattr(self, name).strip():
+        for name, value in (("model", self.model), ("manifest", self.manifest.path), ("output", self.output)):
+            if not value.strip():
                 raise ValueError(f"{name} must not be empty")
         return self
 
@@ -166,13 +176,29 @@ class JobSpec(_Strict):
             "quality": self.output_options.quality,
             "max_prompt_chars": self.max_prompt_chars,
             **({"scores": scores} if scores else {}),
+            # which manifest columns are the prompts, ids, ...: only present when mapped, as scores
+            **({"manifest_columns": self.manifest.columns} if self.manifest.columns else {}),
             # the images table's layout: an output of a version that wrote `image` as plain bytes
             # is not resumed into (its files and the new ones would not read as one table)
             "image_column": "hf_image",
         }
 
 
+# a mapping that a plain string stands for: `manifest: URL` is `manifest: {path: URL}`
+SHORTHANDS = {"manifest": "path"}
+
+
+def _expand_shorthands(data: dict) -> None:
+    """Before any flag or --set applies, so that `--set manifest.columns.prompt=caption` has a
+    mapping to set into."""
+    for key, field in SHORTHANDS.items():
+        if isinstance(data.get(key), str):
+            data[key] = {field: data[key]}
+
+
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    if dotted in SHORTHANDS and isinstance(value, str):  # `--manifest URL` sets the path and keeps the spec's columns
+        dotted = f"{dotted}.{SHORTHANDS[dotted]}"
     keys = dotted.split(".")
     node = data
     for k in keys[:-1]:
@@ -202,6 +228,7 @@ def load_spec(path: str | None, overrides: dict[str, Any] | None = None, sets: l
             raise SpecError(f"cannot read job spec {path}: {e}") from None
         if not isinstance(data, dict):
             raise SpecError(f"job spec {path} must be a mapping, got {type(data).__name__}")
+    _expand_shorthands(data)
     for k, v in (overrides or {}).items():
         if v is not None:
             _set_dotted(data, k, v)

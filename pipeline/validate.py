@@ -13,7 +13,7 @@ import json
 import math
 import uuid
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,10 +22,14 @@ import pyarrow.compute as pc
 from pipeline.families import get_family
 from pipeline.family import parse_params
 from pipeline.keys import KeySet, pair_hashes
-from pipeline.manifest import ORDINAL, Manifest, read_file_rows
+from pipeline.manifest import ORDINAL, Manifest, ManifestError, read_file_rows
 from pipeline.plan import MAX_SAMPLES_PER_ROW, sample_counts, samples_of
 from pipeline.rows import to_block
 from pipeline.sample import RowError, Sample
+from pipeline.storage import redact
+
+if TYPE_CHECKING:
+    from pipeline.spec import JobSpec
 
 MAX_SIDE = 8192
 MAX_SEED = 2**63 - 1
@@ -142,7 +146,7 @@ def end_of_first_pending(manifest: Manifest, skip: dict[str, frozenset[int]], du
     cols = ["id", "num_samples"] if "num_samples" in manifest.schema.names else ["id"]
     seen = 0
     for f in manifest.files:
-        for table in read_file_rows(manifest.url_of(f), f, cols, skip_groups=skip.get(f.identity, frozenset())):
+        for table in read_file_rows(manifest.url_of(f), f, cols, skip_groups=skip.get(f.identity, frozenset()), mapping=manifest.columns):
             pending = np.flatnonzero(pending_rows(table, duplicates, committed))
             if seen + len(pending) >= limit:
                 return int(table.column(ORDINAL)[int(pending[limit - seen - 1])].as_py()) + 1
@@ -247,3 +251,48 @@ class Expand:
                 out.append(Sample(id=m["id"], sample_index=i, sample_seed=sample_seed(item["seed"], m["id"], i),
                                   extras=dict(extras), ordinal=m[ORDINAL], **item))
         return to_block(out)
+
+
+FIRST_ROWS = 1000  # rows the start-up check validates
+SHOWN_COLUMNS = 30  # of a wide manifest, the first ones are named
+
+
+def _hint(kind: str, manifest: Manifest) -> str:
+    """What usually makes every row fail with `kind`: a column under another name."""
+    column = {"empty_prompt": "prompt", "missing_id": "id"}.get(kind)
+    if kind == "missing_input":
+        absent = [c for c in manifest.input_columns if c not in manifest.schema.names]
+        column = absent[0] if absent else "<input>"
+    if column is None:
+        return "fix the rows or the setting the message names"
+    return f"if the {column} values are in another column, map it: --set manifest.columns.{column}=<column>"
+
+
+def check_first_rows(manifest: Manifest, spec: JobSpec, duplicates: dict[int, int], n: int = FIRST_ROWS) -> None:
+    """Before a job's first commit: when every one of the manifest's first rows (n, or all of
+    them; at most one row group is read) fails validation with the same kind, no row would run,
+    and a job would only write them all as errors and end as if it had worked: raise a
+    ManifestError saying why instead. Mixed kinds, or any valid row, and the job runs."""
+    table = manifest.first_rows(n)
+    expand = Expand(spec.family, job_seed=spec.seed, sampler=spec.sampler, max_prompt_chars=spec.max_prompt_chars,
+                    duplicates=duplicates, committed=KeySet(np.zeros(0, np.uint64)), extras={})
+    first: tuple[dict, RowError] | None = None
+    for m in manifest_rows(table):
+        try:
+            expand.check(m)
+            return  # a valid row
+        except RowError as e:
+            first = first or (m, e)
+            if e.kind != first[1].kind:
+                return  # rows fail in more than one way: the manifest is not wrong as a whole
+    assert first is not None, "a manifest has rows"
+    row, error = first
+    seen = table.num_rows
+    rows = ("its only row fails" if manifest.num_rows == 1 else f"all {seen} rows fail" if seen == manifest.num_rows
+            else f"all of its first {seen} rows fail")
+    example = f"id {row['id']!r}" if row.get("id") else f"row {row[ORDINAL]}"
+    names = [manifest.own_name(c) for c in manifest.schema.names]
+    shown = ", ".join(names[:SHOWN_COLUMNS]) + (f", ... ({len(names)} in all)" if len(names) > SHOWN_COLUMNS else "")
+    message = " ".join(str(error).split())  # one line
+    raise ManifestError(f"manifest {redact(manifest.url)}: {rows} validation as {error.kind} ({example}: {message}), so no row would run; "
+                        f"its columns: {shown}; {_hint(error.kind, manifest)}")

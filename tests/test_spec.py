@@ -40,3 +40,29 @@ def test_bad_values_name_the_field(sets, field):
 def test_missing_required_fields():
     with pytest.raises(SpecError, match="manifest"):
         load_spec(None, {"family": "bagel", "model": "m", "output": "b"})
+
+
+def test_manifest_is_a_path_or_a_path_with_a_column_mapping(tmp_path):
+    plain, mapped = tmp_path / "plain.yaml", tmp_path / "mapped.yaml"
+    plain.write_text("family: bagel\nmodel: m\nmanifest: s3://b/m/\noutput: o\n")
+    mapped.write_text("family: bagel\nmodel: m\nmanifest: {path: s3://b/m/, columns: {prompt: caption}}\noutput: o\n")
+    assert load_spec(str(plain)).manifest.model_dump() == {"path": "s3://b/m/", "columns": {}}
+    assert load_spec(str(mapped)).manifest.model_dump() == {"path": "s3://b/m/", "columns": {"prompt": "caption"}}
+    # --manifest sets the path (and keeps the spec's mapping); --set adds to the mapping
+    flags = load_spec(str(mapped), {"manifest": "other.parquet"}, ["manifest.columns.negative_prompt=neg"])
+    assert flags.manifest.model_dump() == {"path": "other.parquet", "columns": {"prompt": "caption", "negative_prompt": "neg"}}
+    cli = load_spec(None, {"family": "bagel", "model": "m", "manifest": "x", "output": "o"}, ["manifest.columns.prompt=caption"])
+    assert cli.manifest.model_dump() == {"path": "x", "columns": {"prompt": "caption"}}
+    # what `submit` ships: the resolved spec, read back the same
+    assert load_spec(None, cli.model_dump(mode="json", by_alias=True)) == cli
+
+
+@pytest.mark.parametrize("sets, field", [
+    (["manifest.path=\" \""], "manifest must not be empty"),
+    (["manifest.columns.prompt=[a]"], "manifest.columns.prompt"),
+    (["manifest.colums.prompt=a"], "manifest.colums"),
+])
+def test_bad_manifest_settings_name_the_field(sets, field):
+    with pytest.raises(SpecError) as e:
+        load_spec(None, {"family": "bagel", "model": "m", "manifest": "a", "output": "b"}, sets)
+    assert field in str(e.value)
