@@ -111,7 +111,9 @@ class Family(Protocol):
 
     def check_model(self, model: str) -> None:
         """Raise ModelError (one line, naming the file) unless `model` has the layout the
-        family loads: configs present and parseable, weight files present. Loads no weights."""
+        family loads: configs present and parseable, weight files present. Loads no weights.
+        The driver calls it before Ray starts: model files the family fetches (DALLE2's url
+        files) are fetched and verified here, once, so that its stages only read them."""
         ...
 
     def model_name(self, model: str) -> str:

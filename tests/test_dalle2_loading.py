@@ -16,7 +16,7 @@ from modeling.dalle2.checkpoint import read_checkpoint, split_checkpoint
 from modeling.dalle2.config import File, ModelLoadConfig
 from modeling.dalle2.convert import decoder_params, prior_params
 from modeling.dalle2.decoder import Decoder
-from modeling.dalle2.load import ChecksumError, Stack, resolve_file
+from modeling.dalle2.load import ChecksumError, NotCachedError, Stack, resolve_file
 from modeling.dalle2.models import build_decoder, build_prior
 from modeling.dalle2.prior import DiffusionPriorNetwork
 from modeling.dalle2.tiny import DECODER, PRIOR, _randomize
@@ -315,3 +315,21 @@ def test_loads_without_a_cache_dir_leave_no_temporary_directory(served, tmp_path
         assert _same(Stack.from_json(tmp_path / "m.json").prior(), sd, strip="net.")
     assert gets.count("/p.pth") == 3  # each load fetched its own copy...
     assert list(scratch.iterdir()) == []  # ...and removed it
+
+
+def test_an_unreachable_checksum_file_leaves_a_verified_cached_copy_in_use(served, tmp_path):
+    """Offline after the fetch: the copy verified then, still intact, is used; a changed one is an error, not a load."""
+    root, base, gets = served
+    good = b"weights " * 50
+    (root / "w.bin").write_bytes(good)
+    (root / "w.bin.lfs").write_text(_pointer(good))
+    f = File(load_type="url", path=f"{base}/w.bin", checksum_file_path=f"{base}/w.bin.lfs", cache_dir="cache")
+    cached = resolve_file(f, tmp_path)
+    (root / "w.bin.lfs").unlink()  # the checksum file is gone (a 404): the cached copy serves
+    assert resolve_file(f, tmp_path).read_bytes() == good and gets.count("/w.bin") == 1
+    assert resolve_file(f, tmp_path, fetch=False) == cached
+    cached.write_bytes(good.replace(b"weights", b"changed"))
+    with pytest.raises(ChecksumError, match=f"checksum file {base}/w.bin.lfs of {base}/w.bin cannot be read \\(HTTP 404"):
+        resolve_file(f, tmp_path)
+    with pytest.raises(NotCachedError, match="is not what was fetched"):
+        resolve_file(f, tmp_path, fetch=False)

@@ -108,6 +108,11 @@ class ModelLoadConfig(_Strict):
     load_on_cpu: bool = True
     strict_loading: bool = True  # accepted; loading is always strict
 
+    def files(self) -> list[File]:
+        """Every File entry: the prior's, then each unet source's (model, then config)."""
+        sources = [*([self.prior] if self.prior else []), *(self.decoder.unet_sources if self.decoder else [])]
+        return [f for s in sources for f in (s.load_model_from, s.load_config_from) if f is not None]
+
     @classmethod
     def from_json(cls, path: str | Path) -> ModelLoadConfig:
         try:

@@ -4,7 +4,10 @@ Files are read through fsspec. A `url` file with a `cache_dir` is kept there; it
 again when its checksum file's text changes or the cached copy no longer matches what was
 fetched. A fetched file that does not match its checksum (LFS pointer `oid sha256:` / bare
 sha256 / the file itself), or a checksum file that says none of these, is an error unless the
-entry says `"checksum": "skip"`. Without a `cache_dir` the copy lives only while it is read.
+entry says `"checksum": "skip"`. A checksum file that cannot be read (offline) leaves an intact
+cached copy, verified when it was fetched, in use. Without a `cache_dir` the copy lives only
+while it is read. `fetch=False` (resolve_file, Stack) reads url files only from their cache,
+never from the network: for loaders whose files were fetched beforehand, once, elsewhere.
 Relative local paths and cache dirs are taken relative to the config file's directory.
 """
 
@@ -36,6 +39,26 @@ class ChecksumError(ValueError):
     """A url file whose checksum cannot be read or does not match (one line, naming the files)."""
 
 
+class FetchError(OSError):
+    """A url file that cannot be fetched (one line: its URL and why)."""
+
+
+class NotCachedError(FileNotFoundError):
+    """A url file read with fetch=False that has no intact copy in its cache."""
+
+
+def fetch_failure(e: BaseException) -> str:
+    """Why a fetch failed, in one line. fsspec's HTTP files raise FileNotFoundError(url) from what
+    happened (an HTTP status, a refused connection, a failed DNS lookup): that is the cause told."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    status = getattr(e, "status", None)
+    if isinstance(status, int):  # aiohttp's ClientResponseError
+        return f"HTTP {status} {getattr(e, 'message', '') or ''}".strip()
+    text = " ".join(str(e).split())[:200]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def _read_text(url: str) -> str:
     with fsspec.open(url, "rb") as f:
         return f.read().decode("utf-8", errors="replace")
@@ -55,28 +78,30 @@ def _checksum_of(f: File) -> str | None:
         return None
     try:
         return _read_text(f.checksum_file_path)
-    except OSError as e:
-        raise ChecksumError(f"checksum file {f.checksum_file_path} of {f.path} cannot be read ({type(e).__name__}: "
-                            f"{' '.join(str(e).split())[:200]}); set \"checksum\": \"skip\" on that file entry to load it unchecked") from None
+    except Exception as e:  # noqa: BLE001 - fsspec and aiohttp raise many kinds: fetch_failure says which
+        raise ChecksumError(f"checksum file {f.checksum_file_path} of {f.path} cannot be read ({fetch_failure(e)}); "
+                            "set \"checksum\": \"skip\" on that file entry to load it unchecked") from None
 
 
-def verify_checksum(path: Path, checksum: str, source: str = "its checksum file", digest: str | None = None) -> None:
+def verify_checksum(path: Path, checksum: str, source: str = "its checksum file", digest: str | None = None,
+                    name: str | None = None) -> None:
     """Raise ChecksumError unless `path` matches `checksum`, the text of the file `source`: a git-lfs pointer
     (`oid sha256:`, `size`), a sha256 (alone or as sha256sum prints it), or the file's own content (dalle2-laion's
     configs, Hugging Face's raw/ of a file kept outside LFS). Anything else (empty, an HTML error page) is an
-    error rather than a model loaded unchecked. `digest`: the file's sha256 when the caller has it."""
+    error rather than a model loaded unchecked. `digest`: the file's sha256 when the caller has it; `name`: what
+    the message calls the file (a download's URL rather than its temporary file)."""
     m = re.search(r"oid sha256:([0-9a-f]{64})", checksum) or re.fullmatch(r"\s*([0-9a-fA-F]{64})(?:\s+\S.*)?\s*", checksum)
     size = re.search(r"^size (\d+)$", checksum, re.M)
     if m:
         want, got = m.group(1).lower(), digest or _sha256(path)
         if got != want or (size and int(size.group(1)) != path.stat().st_size):
-            raise ChecksumError(f"{path}: checksum mismatch (sha256 {got}, {source} says {want})")
+            raise ChecksumError(f"{name or path}: checksum mismatch (sha256 {got}, {source} says {want})")
         return
     # a file that is its own checksum: only worth comparing when the sizes can agree (4 bytes per replaced char)
     if checksum.strip() and path.stat().st_size <= 4 * len(checksum) and path.read_bytes().decode("utf-8", errors="replace") == checksum:
         return
     head = " ".join(checksum.split())[:60]
-    raise ChecksumError(f"{source}: unreadable checksum for {path.name} ({'empty' if not head else f'starts {head!r}'}; "
+    raise ChecksumError(f"{source}: unreadable checksum for {name or path.name} ({'empty' if not head else f'starts {head!r}'}; "
                         "expected a git-lfs pointer, a sha256 or the file itself); "
                         "set \"checksum\": \"skip\" on that file entry to load it unchecked")
 
@@ -92,12 +117,16 @@ def _download(f: File, dest: Path, checksum: str | None) -> None:
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".part")
     h = hashlib.sha256()
     try:
-        with os.fdopen(fd, "wb") as out, fsspec.open(f.path, "rb") as src:
-            while chunk := src.read(1 << 22):
-                h.update(chunk)
-                out.write(chunk)
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with fsspec.open(f.path, "rb") as src:
+                    while chunk := src.read(1 << 22):
+                        h.update(chunk)
+                        out.write(chunk)
+            except Exception as e:  # noqa: BLE001 - fsspec and aiohttp raise many kinds: fetch_failure says which
+                raise FetchError(f"{f.path} cannot be fetched ({fetch_failure(e)})") from None
         if checksum is not None:
-            verify_checksum(Path(tmp), checksum, source=f"checksum file {f.checksum_file_path}", digest=h.hexdigest())
+            verify_checksum(Path(tmp), checksum, source=f"checksum file {f.checksum_file_path}", digest=h.hexdigest(), name=f.path)
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
@@ -119,22 +148,52 @@ def _cached_copy_intact(dest: Path) -> bool:
     return dest.stat().st_size == int(size) and _sha256(dest) == digest
 
 
-def resolve_file(f: File, base_dir: str | Path = ".", check_update: bool = True) -> Path:
+def local_path(f: File, base_dir: str | Path = ".") -> Path:
+    """Where a `local` file entry points: a path (or file:// URL), relative ones under `base_dir`."""
+    p = Path(f.path.removeprefix("file://")).expanduser()
+    return p if p.is_absolute() else Path(base_dir) / p
+
+
+def cache_path(f: File, base_dir: str | Path = ".") -> Path:
+    """Where a `url` file entry with a cache_dir is kept."""
+    assert f.cache_dir is not None
+    cache = Path(f.cache_dir).expanduser()
+    return (cache if cache.is_absolute() else Path(base_dir) / cache) / f.filename
+
+
+def _cached_only(f: File, dest: Path) -> Path:
+    """fetch=False: the cached copy, intact, or NotCachedError; no network."""
+    if not dest.exists():
+        raise NotCachedError(f"{f.path} is not in its cache ({dest}); it was not fetched before this load, "
+                             "which reads url files only from their cache")
+    if not _cached_copy_intact(dest):
+        raise NotCachedError(f"{dest}: the cached copy of {f.path} is not what was fetched (changed, or not recorded); "
+                             "this load reads url files only from their cache")
+    return dest
+
+
+def resolve_file(f: File, base_dir: str | Path = ".", check_update: bool = True, fetch: bool = True) -> Path:
     """A lasting local path for `f`: a local file, or a url file fetched into its `cache_dir` (url files without
-    one: `local_copy`)."""
-    base = Path(base_dir)
+    one: `local_copy`). fetch=False: a url file's intact cached copy, or NotCachedError."""
     if f.load_type == "local":
-        p = Path(f.path.removeprefix("file://")).expanduser()
-        p = p if p.is_absolute() else base / p
+        p = local_path(f, base_dir)
         if not p.exists():
             raise FileNotFoundError(f"local file {p} does not exist")
         return p
     if f.cache_dir is None:
         raise ValueError(f"{f.path} has no cache_dir: use local_copy()")
-    checksum = _checksum_of(f)
-    cache = Path(f.cache_dir).expanduser()
-    dest = (cache if cache.is_absolute() else base / cache) / f.filename
+    dest = cache_path(f, base_dir)
+    if not fetch:
+        return _cached_only(f, dest)
     cached_ck = Path(str(dest) + ".checksum")
+    try:
+        checksum = _checksum_of(f)
+    except ChecksumError:
+        # offline, or the checksum's host is down: a copy verified against it when fetched, still intact, serves
+        if dest.exists() and cached_ck.exists() and _cached_copy_intact(dest):
+            log.warning("checksum file %s cannot be read: using the cached %s, verified when it was fetched", f.checksum_file_path, dest)
+            return dest
+        raise
     if not dest.exists():
         log.info("fetching %s -> %s", f.path, dest)
         _download(f, dest, checksum)
@@ -148,16 +207,19 @@ def resolve_file(f: File, base_dir: str | Path = ".", check_update: bool = True)
 
 
 @contextmanager
-def local_copy(f: File, base_dir: str | Path = ".") -> Iterator[Path]:
+def local_copy(f: File, base_dir: str | Path = ".", fetch: bool = True) -> Iterator[Path]:
     """A local path for `f` while the block runs. A url file without a cache_dir is fetched into a temporary
-    directory removed on exit (tensors memory-mapped from it stay readable: the file goes only when unmapped)."""
+    directory removed on exit (tensors memory-mapped from it stay readable: the file goes only when unmapped);
+    with fetch=False it has nowhere to be read from: NotCachedError."""
     if f.load_type == "url" and f.cache_dir is None:
+        if not fetch:
+            raise NotCachedError(f"{f.path} has no cache_dir, and this load reads url files only from their cache")
         with tempfile.TemporaryDirectory(prefix="dalle2-") as tmp:
             dest = Path(tmp) / f.filename
             _download(f, dest, _checksum_of(f))
             yield dest
     else:
-        yield resolve_file(f, base_dir)
+        yield resolve_file(f, base_dir, fetch=fetch)
 
 
 @dataclass
@@ -166,20 +228,21 @@ class Stack:
 
     config: ModelLoadConfig
     base_dir: Path
+    fetch: bool = True  # False: url files are read only from their cache (resolve_file)
 
     @classmethod
-    def from_json(cls, path: str | Path) -> Stack:
+    def from_json(cls, path: str | Path, fetch: bool = True) -> Stack:
         path = Path(path)
-        return cls(ModelLoadConfig.from_json(path), path.parent)
+        return cls(ModelLoadConfig.from_json(path), path.parent, fetch)
 
     def _text(self, f: File) -> str:
-        with local_copy(f, self.base_dir) as path:
+        with local_copy(f, self.base_dir, self.fetch) as path:
             return path.read_text()
 
     def _section(self, model_file: File, config_file: File | None, kind: str, weights: bool = True):
         if not weights and config_file is not None:  # settings only: skip the (large) weights file
             return {}, config_section(json.loads(self._text(config_file)), kind), None
-        with local_copy(model_file, self.base_dir) as path:
+        with local_copy(model_file, self.base_dir, self.fetch) as path:
             obj = read_checkpoint(path)
         sd, section, fmt = split_checkpoint(obj, kind)
         if section is None:

@@ -298,7 +298,9 @@ def check_layout(model: str) -> None:
             json.loads((d / name).read_text())
         except FileNotFoundError:
             raise ModelError(f"bagel model {model}: missing {name}") from None
-        except (OSError, ValueError) as e:
+        except OSError as e:
+            raise ModelError(f"bagel model {model}: {name} cannot be read ({e.strerror or e})") from None
+        except ValueError as e:
             raise ModelError(f"bagel model {model}: {name} is not valid JSON ({e})") from None
     if not any((d / n).is_file() for n in ("ema.safetensors", "model.safetensors")):
         raise ModelError(f"bagel model {model}: missing ema.safetensors (or model.safetensors)")

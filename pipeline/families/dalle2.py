@@ -18,15 +18,15 @@ Stage options (decoder / upsampler stages): channels_last, compile (torch.compil
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import torch
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from pipeline.demo_images import PROMPTS, demo_png
 from pipeline.family import Demo, InputSpec, ModelError, Params, StageContext, StageSpec, TaskSpec
@@ -123,6 +123,24 @@ def _isolated(fn, samples: list[Sample]) -> list[Result | RowError]:
 
 
 # ---- stages ------------------------------------------------------------------------------
+def from_cache(build):
+    """A stage builder that reads url files only from their cache (Stack fetch=False): `check_model` filled it,
+    in the driver, before Ray started, so a stage never downloads. One missing there fails the stage naming it."""
+
+    @functools.wraps(build)
+    def built(ctx: StageContext):
+        from modeling.dalle2.load import NotCachedError
+
+        try:
+            return build(ctx)
+        except NotCachedError as e:
+            raise NotCachedError(f"{e}: genfleet fetches url files in the driver before Ray starts; on a cluster, "
+                                 "give them a cache_dir on storage every node reads") from None
+
+    return built
+
+
+@from_cache
 def build_prepare(ctx: StageContext):
     """CPU: input image / mask decoding and resizing, outside the GPU actors."""
     from PIL import Image
@@ -130,7 +148,7 @@ def build_prepare(ctx: StageContext):
     from modeling.dalle2.load import Stack
     from pipeline.inputs import decode_image
 
-    final = Stack.from_json(ctx.model_path).decoder_params().image_sizes[-1]
+    final = Stack.from_json(ctx.model_path, fetch=False).decoder_params().image_sizes[-1]
 
     def prepare(s: Sample) -> Result:
         if s.negative_prompt:
@@ -153,12 +171,13 @@ def build_prepare(ctx: StageContext):
     return lambda samples: _isolated(prepare, samples)
 
 
+@from_cache
 def build_prior(ctx: StageContext):
     from modeling.dalle2.load import Stack
     from modeling.dalle2.sampling import per_sample_noise, sample_prior
 
     _setup(ctx)
-    stack, device, dtype = Stack.from_json(ctx.model_path), ctx.device, _dtype(ctx.dtype)
+    stack, device, dtype = Stack.from_json(ctx.model_path, fetch=False), ctx.device, _dtype(ctx.dtype)
     clip = stack.clip(dtype=dtype, device=device)
     prior: Any = stack.prior(dtype=dtype, device=device) if stack.config.prior else None
     default_scale = stack.default_cond_scales()[0]
@@ -203,12 +222,13 @@ def build_prior(ctx: StageContext):
 
 
 def build_unet_stage(number: int):
+    @from_cache
     def build(ctx: StageContext):
         from modeling.dalle2.load import Stack
         from modeling.dalle2.sampling import per_sample_noise, sample_unet
 
         _setup(ctx)
-        stack, device, dtype = Stack.from_json(ctx.model_path), ctx.device, _dtype(ctx.dtype)
+        stack, device, dtype = Stack.from_json(ctx.model_path, fetch=False), ctx.device, _dtype(ctx.dtype)
         decoder = stack.decoder([number], dtype=dtype, device=device)
         p, unet = decoder.params, decoder.unets[number - 1]
         if ctx.options.get("channels_last"):
@@ -277,17 +297,6 @@ DEMO_SETTINGS = ["sampler.t2i.prior_steps=8", "sampler.t2i.decoder_steps=8", "sa
                  "sampler.edit.prior_steps=8", "sampler.edit.decoder_steps=8", "sampler.edit.inpaint_resample_times=2"]
 
 
-def _local_files(node: Any):
-    if isinstance(node, dict):
-        if node.get("load_type") == "local" and isinstance(node.get("path"), str):
-            yield node["path"]
-        for v in node.values():
-            yield from _local_files(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from _local_files(v)
-
-
 class Dalle2Family:
     name = "dalle2"
     tasks = {
@@ -308,38 +317,61 @@ class Dalle2Family:
                 *(unet_stage(k) for k in range(1, cfg.decoder.num_unets + 1))]
 
     def check_model(self, model: str) -> None:
-        """The dalle2-laion config parses, has a decoder, and every local file it names exists."""
+        """The dalle2-laion config parses and has a decoder; every local file it names is there, and every url
+        file is fetched into its cache_dir and verified (or its cached copy, verified when fetched, is intact).
+        The driver calls this before Ray starts: the stages then only read the cache (`from_cache`)."""
+        from modeling.dalle2.clip import OPENAI_MODELS
         from modeling.dalle2.config import ModelLoadConfig
+        from modeling.dalle2.load import local_path, resolve_file
 
-        path = Path(model)
+        path, where = Path(model), f"dalle2 model {model}"
         if path.is_dir():
             configs = sorted(p.name for p in path.glob("*.json"))
-            raise ModelError(f"dalle2 model {model}: is a directory; give its dalle2-laion config JSON"
+            raise ModelError(f"{where}: is a directory; give its dalle2-laion config JSON"
                              + (f" (here: {', '.join(configs)})" if configs else ""))
         if not path.is_file():
-            raise ModelError(f"dalle2 model {model}: no such file (a dalle2-laion model config JSON)")
+            raise ModelError(f"{where}: no such file (a dalle2-laion model config JSON)")
         try:
             cfg = ModelLoadConfig.from_json(path)
-        except (ValueError, ValidationError) as e:
-            raise ModelError(f"dalle2 model {model}: {' '.join(str(e).split())[:500]}") from None
+        except (OSError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+            raise ModelError(f"{where}: {' '.join(str(e).split())[:500]}") from None
         if cfg.decoder is None:
-            raise ModelError(f"dalle2 model {model}: the config has no decoder")
-        for f in _local_files(json.loads(path.read_text())):
-            p = Path(f) if Path(f).is_absolute() else path.parent / f
-            if not p.is_file():
-                raise ModelError(f"dalle2 model {model}: missing {f} (named by the config)")
+            raise ModelError(f"{where}: the config has no decoder")
+        files = list({f.path: f for f in cfg.files()}.values())
+        for f in files:
+            if f.load_type == "local" and not local_path(f, path.parent).is_file():
+                raise ModelError(f"{where}: missing {f.path} (named by the config)")
+            if f.load_type == "url" and f.cache_dir is None:
+                raise ModelError(f"{where}: url file {f.path} has no cache_dir; give it one: the driver fetches url "
+                                 "files into it before the job starts, and the stages read them only from there")
+        clip = cfg.clip.model if cfg.clip else None
+        # a local CLIP directory (relative ones beside the config, as Stack.clip finds them); Hugging Face ids are org/name
+        if clip and clip not in OPENAI_MODELS and (clip.startswith(("/", ".")) or "/" not in clip or (path.parent / clip).exists()):
+            d = Path(clip) if Path(clip).is_absolute() else path.parent / clip
+            if not (d / "config.json").is_file():
+                raise ModelError(f"{where}: clip.model {clip}: missing {d / 'config.json'} (a transformers CLIPModel directory)")
+        for f in files:  # the local checks first: a download is the slow part
+            if f.load_type == "url":
+                try:
+                    resolve_file(f, path.parent)
+                except (OSError, ValueError) as e:  # FetchError, ChecksumError: one line naming the URL and why
+                    raise ModelError(f"{where}: {' '.join(str(e).split())}") from None
 
     def model_name(self, model: str) -> str:
         return "dalle2:" + Path(model).stem
 
     def model_fingerprint(self, model: str) -> str:
         """The config JSON, and for each local file it names: name, size and any JSON content."""
+        from modeling.dalle2.config import ModelLoadConfig
+        from modeling.dalle2.load import local_path
+
         path = Path(model)
         h = hashlib.sha256(path.read_bytes())
-        for f in sorted(set(_local_files(json.loads(path.read_text())))):
-            p = Path(f) if Path(f).is_absolute() else path.parent / f
+        local = {f.path: f for f in ModelLoadConfig.from_json(path).files() if f.load_type == "local"}
+        for name in sorted(local):
+            p = local_path(local[name], path.parent)
             if p.is_file():
-                h.update(f"{f}:{p.stat().st_size}\n".encode())
+                h.update(f"{name}:{p.stat().st_size}\n".encode())
                 if p.suffix == ".json" and p.stat().st_size < 16 << 20:
                     h.update(p.read_bytes())
         return h.hexdigest()[:16]
