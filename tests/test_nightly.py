@@ -159,7 +159,7 @@ def test_a_new_run_starts_the_history_over(nights):
 
 def test_the_nightly_examples_validate():
     spec = load_spec(str(ROOT / "configs" / "nightly.yaml"))
-    assert spec.manifest.endswith("/") and "{" not in spec.output
+    assert spec.manifest.path.endswith("/") and "{" not in spec.output
     job = yaml.safe_load((ROOT / "configs" / "kuberay-rayjob.yaml").read_text())
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob" and job["spec"]["shutdownAfterJobFinishes"] is True
     cluster = job["spec"]["rayClusterSpec"]
