@@ -21,7 +21,7 @@ from PIL import Image
 
 from pipeline.lease import read_lease
 from pipeline.report import Tally, read_summary, stage_throughput
-from pipeline.resume import Commit, NoJob, read_job, read_log
+from pipeline.resume import Commit, CommitLog, NoJob, read_job, read_log
 from pipeline.runs import RunInfo, history, run_state
 from pipeline.score_stats import describe
 from pipeline.sink import image_bytes
@@ -216,12 +216,14 @@ def read_errors(output: str, kind: str | None = None, per_kind: int = EXAMPLES_P
     return [ErrorKind(k, n, examples.get(k, [])) for k, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
-def gather(output: str) -> ReportData:
+def gather(output: str, log: CommitLog | None = None) -> ReportData:
+    """What the report shows. `log`: the output's commit log when the caller holds it current
+    (a run that had nothing to do), so that 10^7 committed pairs are not read twice."""
     job = read_job(output)
     if job is None:
         raise NoJob(f"no genfleet job at {redact(output)} (no _job.json)")
     summary = read_summary(output)  # None: running, or killed before its end
-    log = read_log(output)
+    log = log if log is not None else read_log(output)
     commits = log.commits
     t = Tally.of(c.result for c in commits)
     pending = len(log.retry)  # pending until a later shard holds the pair

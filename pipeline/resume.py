@@ -65,7 +65,9 @@ class CommitLog:
 
     def done(self, retry_errors: bool = False) -> KeySet:
         """The pairs a run skips: made, and (unless retried) permanently failed."""
-        return self.ok if retry_errors else KeySet(np.concatenate([self.ok.hashes, self.errors.hashes]))
+        if retry_errors or not len(self.errors):
+            return self.ok
+        return KeySet(np.concatenate([self.ok.hashes, self.errors.hashes]))
 
     def complete_groups(self, file: str, group_pairs: np.ndarray, group_starts: np.ndarray, retry_errors: bool = False) -> frozenset[int]:
         """The row groups of manifest file `file` (its identity) whose expected pairs are all
@@ -151,9 +153,9 @@ def read_log(output: str) -> CommitLog:
         return key[pc.equal(status, name).to_numpy(zero_copy_only=False)]
 
     ok, errors = KeySet(keys("ok")), KeySet(keys("error"))
-    done = KeySet(np.concatenate([ok.hashes, errors.hashes]))
     retry = keys("retry")
-    return CommitLog(commits, ok, errors, KeySet(retry[~done.contains(retry)]), table, unindexed=len(rest))
+    retry = retry[~(ok.contains(retry) | errors.contains(retry))]  # transient failures made since are done
+    return CommitLog(commits, ok, errors, KeySet(retry), table, unindexed=len(rest))
 
 
 def write_index(output: str, log: CommitLog) -> None:
