@@ -29,6 +29,7 @@ from jobs.ray_io import ManifestDatasource, OutputDatasink, RunRecord
 from jobs.resources import Pool, check_placement, cluster_nodes, local_nodes
 from jobs.writer import ShardWriter
 from pipeline.card import write_card
+from pipeline.changes import Changes, CommittedContent, changed_rows
 from pipeline.encode import encode_block
 from pipeline.families import get_family
 from pipeline.family import Family, ModelError, StageContext, StageSpec, parse_params
@@ -90,6 +91,7 @@ class Job:
     skip: dict[str, frozenset[int]]  # manifest file identity -> row groups with nothing left to do
     score: GroupPlan | None = None  # the job's score stage (scores: in the spec), after the family's last
     end_ordinal: int | None = None  # --limit: rows from this manifest ordinal on are left for a later run
+    changes: Changes = Changes()  # rows edited since their pairs were committed (reported, not made again)
 
 
 LOCAL_RAY_RECORDS = Path(tempfile.gettempdir()) / "genfleet-local-ray"
@@ -255,6 +257,15 @@ def _skip_groups(job: Job, retry_errors: bool) -> dict[str, frozenset[int]]:
             for f in job.manifest.files}
 
 
+def _changes(job: Job, retry_errors: bool) -> Changes:
+    """Rows edited in place since their pairs were committed, among the row groups the run reads."""
+    changes = changed_rows(job.manifest, job.skip, job.plan.duplicates, CommittedContent.of(job.log.table, retry_errors))
+    if changes.rows:
+        log.warning("%d rows changed since they were made (e.g. id %s); they are not made again: give them new ids, or --new-run",
+                    changes.rows, changes.examples[0])
+    return changes
+
+
 def _groups(job: Job) -> list[GroupPlan]:
     return job.groups + ([job.score] if job.score else [])
 
@@ -371,9 +382,11 @@ def run_job(spec: JobSpec, *, new_run: bool = False, retry_errors: bool = False,
     before = Tally.of(c.result for c in job.log.commits)
     log.info("manifest: %d rows in %d file(s), %d (id, sample) pairs expected, %d already committed",
              job.plan.num_rows, len(job.manifest.files), job.plan.expected_pairs, before.pairs)
+    job = dataclasses.replace(job, skip={} if new_run else _skip_groups(job, retry_errors))
+    job = dataclasses.replace(job, changes=_changes(job, retry_errors))
     if _nothing_to_do(job, before, new_run, retry_errors):
         result = summary(before, Tally(), expected=job.plan.expected_pairs, started_at=started, status="completed",
-                         model_fingerprint=job.fingerprint["model"])
+                         model_fingerprint=job.fingerprint["model"], changes=job.changes)
         write_summary(spec.output, result)  # nothing to do: no Ray, no model
         save_cache(spec.output, job.plan)
         write_index(spec.output, job.log)
@@ -381,7 +394,6 @@ def run_job(spec: JobSpec, *, new_run: bool = False, retry_errors: bool = False,
         write_report_after_run(spec.output)
         return result
     check_fits_before_start(job)
-    job = dataclasses.replace(job, skip={} if new_run else _skip_groups(job, retry_errors))
     if limit is not None:
         job = _limited(job, limit, retry_errors)
     lease = acquire(spec.output, takeover=takeover)  # one writer per OUTPUT, before anything starts
@@ -405,7 +417,8 @@ def _execute(job: Job, new_run: bool, retry_errors: bool, started: float, intera
     check_fits(job)
     done = job.log.done(retry_errors)
     ds = build_dataset(job, done)
-    run = RunRecord(job.fingerprint, spec.manifest, job.plan.expected_pairs, new_run, retry_errors, job.log, started, job.plan)
+    run = RunRecord(job.fingerprint, spec.manifest, job.plan.expected_pairs, new_run, retry_errors, job.log, started, job.plan,
+                    job.changes)
     sink = OutputDatasink(job.sink, run)
     guard = ErrorRateGuard(spec.errors.max_rate, spec.errors.window)
     progress: Progress | None = None
@@ -428,7 +441,7 @@ def _execute(job: Job, new_run: bool, retry_errors: bool, started: float, intera
         # Ctrl-C is the user's choice, not a failure of the job: the same command resumes it
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped" if isinstance(e, JobStopped) else "failed"
         write_summary(spec.output, summary(sink.before, this_run, expected=job.plan.expected_pairs, started_at=started, status=status,
-                                           model_fingerprint=job.fingerprint["model"]))
+                                           model_fingerprint=job.fingerprint["model"], changes=job.changes))
         raise
     finally:
         progress.close()

@@ -16,6 +16,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasink, Datasource, ReadTask, WriteResult
 
 from pipeline.card import write_card
+from pipeline.changes import Changes
 from pipeline.manifest import Manifest, ManifestFile, read_file_rows
 from pipeline.plan import Plan, save_cache
 from pipeline.report import Tally, summary, write_summary
@@ -76,6 +77,7 @@ class RunRecord:
     log: CommitLog
     started_at: float
     plan: Plan | None = None  # its newly read files are cached when the run starts
+    changes: Changes = Changes()  # rows edited since their pairs were committed: in the summary
 
 
 class OutputDatasink(Datasink[ShardResult | None]):
@@ -108,7 +110,7 @@ class OutputDatasink(Datasink[ShardResult | None]):
         assert self.run is not None, "on_write_complete runs on the driver"
         this_run = Tally.of(r for r in write_result.write_returns if r is not None)
         data = summary(self.before, this_run, expected=self.run.expected_pairs, started_at=self.run.started_at, status="completed",
-                       model_fingerprint=self.run.fingerprint["model"])
+                       model_fingerprint=self.run.fingerprint["model"], changes=self.run.changes)
         if data["missing"]:
             data["status"] = "incomplete"
         write_summary(self.cfg.output, data)

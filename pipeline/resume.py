@@ -45,10 +45,11 @@ class Commit:
 
 
 # the log as one table, a row per committed sample: what resume needs of each (the strings
-# dictionary-encoded: 10^7 pairs stay well under a gigabyte)
+# dictionary-encoded: 10^7 pairs stay well under a gigabyte). `content`: the row's content
+# hash (keys.content_hashes), null in records of versions before it
 _TEXT = pa.dictionary(pa.int32(), pa.string())
 LOG_SCHEMA = pa.schema([("shard", _TEXT), ("key", pa.uint64()), ("status", _TEXT), ("covers", pa.int32()),
-                        ("file", _TEXT), ("row", pa.int64())])
+                        ("file", _TEXT), ("row", pa.int64()), ("content", pa.uint64())])
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ def _log_rows(shard: str, t: pa.Table) -> pa.Table:
         "covers": t.column("covers") if "covers" in names else pa.array(np.ones(n, np.int32)),
         "file": (t.column("file") if "file" in names else pa.nulls(n, pa.string())).cast(_TEXT),
         "row": t.column("row") if "row" in names else pa.nulls(n, pa.int64()),
+        "content": t.column("content") if "content" in names else pa.nulls(n, pa.uint64()),
     }, schema=LOG_SCHEMA)
 
 
@@ -117,7 +119,7 @@ def _read(output: str, paths: list[str]) -> list[tuple[str, ShardResult, pa.Tabl
     for path in paths:
         f = pq.ParquetFile(io.BytesIO(blobs[path]))
         stats = json.loads(f.schema_arrow.metadata[STATS_KEY])
-        cols = [c for c in ("id", "sample_index", "key", "status", "covers", "file", "row") if c in f.schema_arrow.names]
+        cols = [c for c in ("id", "sample_index", "key", "status", "covers", "file", "row", "content") if c in f.schema_arrow.names]
         out.append((path, ShardResult.from_stats(stats), _log_rows(shard_of(path), f.read(columns=cols))))
     return out
 
@@ -127,7 +129,10 @@ def _read_index(output: str) -> tuple[pa.Table, dict[str, ShardResult]]:
     try:
         f = pq.ParquetFile(io.BytesIO(fs.cat_file(join(root, INDEX_FILE))))
         stats = json.loads(f.schema_arrow.metadata[STATS_KEY])
-        return f.read().cast(LOG_SCHEMA), {name: ShardResult.from_stats(s) for name, s in stats.items()}
+        table = f.read()
+        if "content" not in table.column_names:  # an index of a version before content hashes
+            table = table.append_column("content", pa.nulls(table.num_rows, pa.uint64()))
+        return table.cast(LOG_SCHEMA), {name: ShardResult.from_stats(s) for name, s in stats.items()}
     except (FileNotFoundError, OSError, KeyError, ValueError, pa.ArrowException):  # absent or damaged: read the records
         return LOG_SCHEMA.empty_table(), {}
 
