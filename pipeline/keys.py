@@ -1,9 +1,10 @@
 """Compact 64-bit keys for (id, sample_index) pairs, manifest ids and rows' content.
 
 Resume and duplicate detection must scale to 10^7 rows without holding strings:
-a sorted uint64 array costs 8 bytes a key. The hash is SipHash-2-4 (pandas'
-hash_array, with its fixed key given explicitly), identical in every process; at
-10^7 keys the chance of any collision is about 3e-6.
+a sorted uint64 array costs 8 bytes a key. The hash is SipHash-2-4 with a fixed key,
+then the splitmix64 finalizer (pandas' hash_array over str/bytes values, its key given
+explicitly), identical in every process; at 10^7 keys the chance of any collision is
+about 3e-6.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def content_hashes(table: pa.Table, input_columns: Iterable[str]) -> np.ndarray:
     defaulted): CONTENT_FIELDS and the family's `input_columns`, in bulk. The encoding,
     stable across processes and versions (tests/test_content_changes.py recomputes it):
 
-      H(b)          SipHash-2-4 of bytes b with the 16-byte key HASH_KEY, as an unsigned 64-bit int
+      H(b)          x = SipHash-2-4 of bytes b with the 16-byte key HASH_KEY (an unsigned 64-bit int), then
+                    pandas' finalizer, mod 2^64: x ^= x >> 30; x *= 0xBF58476D1CE4E5B9; x ^= x >> 27;
+                    x *= 0x94D049BB133111EB; x ^= x >> 31
       the row       H(V(row)), the row taken as a struct of those columns (an absent column is null)
       V(string)     its UTF-8 bytes; V(binary): the bytes
       V(number)     an integer, or a float with an integer value below 2^63 in magnitude: its decimal
