@@ -29,7 +29,7 @@ from jobs.ray_io import ManifestDatasource, OutputDatasink, RunRecord
 from jobs.resources import Pool, check_placement, cluster_nodes, local_nodes
 from jobs.writer import ShardWriter
 from pipeline.card import write_card
-from pipeline.changes import Changes, CommittedContent, changed_rows
+from pipeline.changes import Changes, changed_rows
 from pipeline.encode import encode_block
 from pipeline.families import get_family
 from pipeline.family import Family, ModelError, StageContext, StageSpec, parse_params
@@ -257,9 +257,9 @@ def _skip_groups(job: Job, retry_errors: bool) -> dict[str, frozenset[int]]:
             for f in job.manifest.files}
 
 
-def _changes(job: Job, retry_errors: bool) -> Changes:
-    """Rows edited in place since their pairs were committed, among the row groups the run reads."""
-    changes = changed_rows(job.manifest, job.skip, job.plan.duplicates, CommittedContent.of(job.log.table, retry_errors))
+def _changes(job: Job, skip: dict[str, frozenset[int]], retry_errors: bool) -> Changes:
+    """Rows edited in place since their pairs were committed, among the row groups not in `skip`."""
+    changes = changed_rows(job.manifest, skip, job.plan.duplicates, job.log.table, retry_errors)
     if changes.rows:
         log.warning("%d rows changed since they were made (e.g. id %s); they are not made again: give them new ids, or --new-run",
                     changes.rows, changes.examples[0])
@@ -382,11 +382,13 @@ def run_job(spec: JobSpec, *, new_run: bool = False, retry_errors: bool = False,
     before = Tally.of(c.result for c in job.log.commits)
     log.info("manifest: %d rows in %d file(s), %d (id, sample) pairs expected, %d already committed",
              job.plan.num_rows, len(job.manifest.files), job.plan.expected_pairs, before.pairs)
-    job = dataclasses.replace(job, skip={} if new_run else _skip_groups(job, retry_errors))
-    job = dataclasses.replace(job, changes=_changes(job, retry_errors))
     if _nothing_to_do(job, before, new_run, retry_errors):
+        # nothing is read, but a file the log has not seen (new, or rewritten since) would be read by a run: compared
+        seen = job.log.files()
+        changes = _changes(job, {f.identity: frozenset(range(len(f.row_groups))) for f in job.manifest.files if f.identity in seen},
+                           retry_errors)
         result = summary(before, Tally(), expected=job.plan.expected_pairs, started_at=started, status="completed",
-                         model_fingerprint=job.fingerprint["model"], changes=job.changes)
+                         model_fingerprint=job.fingerprint["model"], changes=changes)
         write_summary(spec.output, result)  # nothing to do: no Ray, no model
         save_cache(spec.output, job.plan)
         write_index(spec.output, job.log)
@@ -394,6 +396,8 @@ def run_job(spec: JobSpec, *, new_run: bool = False, retry_errors: bool = False,
         write_report_after_run(spec.output)
         return result
     check_fits_before_start(job)
+    job = dataclasses.replace(job, skip={} if new_run else _skip_groups(job, retry_errors))
+    job = dataclasses.replace(job, changes=_changes(job, job.skip, retry_errors))
     if limit is not None:
         job = _limited(job, limit, retry_errors)
     lease = acquire(spec.output, takeover=takeover)  # one writer per OUTPUT, before anything starts

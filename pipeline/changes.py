@@ -59,16 +59,21 @@ class CommittedContent:
         return self.keys[pos] == keys, self.contents[pos]
 
 
-def changed_rows(manifest: Manifest, skip: dict[str, frozenset[int]], duplicates: dict[int, int],
-                 committed: CommittedContent) -> Changes:
+def changed_rows(manifest: Manifest, skip: dict[str, frozenset[int]], duplicates: dict[int, int], log: pa.Table,
+                 retry_errors: bool = False) -> Changes:
     """The rows, in the row groups not in `skip` (file identity -> row groups a run does not
-    read), that have a committed pair whose content hash differs from the row's now."""
+    read), that have a pair committed in `log` (resume.LOG_SCHEMA) whose content hash
+    differs from the row's now."""
+    files = [f for f in manifest.files if len(skip.get(f.identity, ())) < len(f.row_groups)]
+    if not files:  # (before the log is sorted: a re-run of unchanged files costs nothing here)
+        return Changes()
+    committed = CommittedContent.of(log, retry_errors)
     if not len(committed.keys):  # a first run, or a log of versions before content hashes
         return Changes()
     id_columns = ["id", "num_samples"] if "num_samples" in manifest.schema.names else ["id"]
     columns = id_columns + [c for c in (*CONTENT_FIELDS, *manifest.input_columns) if c in manifest.schema.names and c not in id_columns]
     count, examples = 0, list[str]()
-    for f in manifest.files:
+    for f in files:
         url, starts = manifest.url_of(f), f.first_ordinal + f.group_starts()
         groups = set()  # row groups holding a row with a recorded pair
         for table in read_file_rows(url, f, id_columns, skip_groups=skip.get(f.identity, frozenset())):

@@ -63,6 +63,10 @@ class CommitLog:
     table: pa.Table = field(default_factory=LOG_SCHEMA.empty_table)
     unindexed: int = 0  # commit records read one by one (not in the index)
 
+    def files(self) -> set[str]:
+        """The manifest files (identities) the commits came from."""
+        return {f for f in pc.unique(self.table.column("file")).to_pylist() if f}
+
     def done(self, retry_errors: bool = False) -> KeySet:
         """The pairs a run skips: made, and (unless retried) permanently failed."""
         return self.ok if retry_errors else KeySet(np.concatenate([self.ok.hashes, self.errors.hashes]))
@@ -224,7 +228,7 @@ def check_manifest(output_job: dict | None, manifest_url: str, identities: set[s
     its files' identities.)"""
     if output_job is None or not log.table.num_rows or output_job.get("manifest") in (None, redact(manifest_url)):
         return
-    recorded = {f for f in pc.unique(log.table.column("file")).to_pylist() if f}
+    recorded = log.files()
     if recorded and not recorded & identities:
         raise ResumeError(f"output holds a job made from another manifest ({output_job['manifest']}, none of whose "
                           f"{len(recorded)} file(s) is in {redact(manifest_url)}); use another output, or pass --new-run "
