@@ -29,6 +29,7 @@ from jobs.ray_io import ManifestDatasource, OutputDatasink, RunRecord
 from jobs.resources import Pool, check_placement, cluster_nodes, local_nodes
 from jobs.writer import ShardWriter
 from pipeline.card import write_card
+from pipeline.changes import Changes, changed_rows
 from pipeline.encode import encode_block
 from pipeline.families import get_family
 from pipeline.family import Family, ModelError, StageContext, StageSpec, parse_params
@@ -91,6 +92,7 @@ class Job:
     skip: dict[str, frozenset[int]]  # manifest file identity -> row groups with nothing left to do
     score: GroupPlan | None = None  # the job's score stage (scores: in the spec), after the family's last
     end_ordinal: int | None = None  # --limit: rows from this manifest ordinal on are left for a later run
+    changes: Changes = Changes()  # rows edited since their pairs were committed (reported, not made again)
 
 
 LOCAL_RAY_RECORDS = Path(tempfile.gettempdir()) / "genfleet-local-ray"
@@ -258,6 +260,15 @@ def _skip_groups(job: Job, retry_errors: bool) -> dict[str, frozenset[int]]:
             for f in job.manifest.files}
 
 
+def _changes(job: Job, skip: dict[str, frozenset[int]], retry_errors: bool) -> Changes:
+    """Rows edited in place since their pairs were committed, among the row groups not in `skip`."""
+    changes = changed_rows(job.manifest, skip, job.plan.duplicates, job.log.table, retry_errors)
+    if changes.rows:
+        log.warning("%d rows changed since they were made (e.g. id %s); they are not made again: give them new ids, or --new-run",
+                    changes.rows, changes.examples[0])
+    return changes
+
+
 def _groups(job: Job) -> list[GroupPlan]:
     return job.groups + ([job.score] if job.score else [])
 
@@ -376,8 +387,12 @@ def run_job(spec: JobSpec, *, new_run: bool = False, retry_errors: bool = False,
              job.plan.num_rows, len(job.manifest.files), job.plan.expected_pairs, before.pairs)
     entry = start_entry(started, manifest=job.manifest, plan=job.plan, retry_errors=retry_errors)
     if _nothing_to_do(job, before, new_run, retry_errors):
+        # nothing is read, but a file the log has not seen (new, or rewritten since) would be read by a run: compared
+        seen = job.log.files()
+        changes = _changes(job, {f.identity: frozenset(range(len(f.row_groups))) for f in job.manifest.files if f.identity in seen},
+                           retry_errors)
         result = summary(before, Tally(), expected=job.plan.expected_pairs, started_at=started, status="completed",
-                         model_fingerprint=job.fingerprint["model"])
+                         model_fingerprint=job.fingerprint["model"], changes=changes)
         finish_run(spec.output, result, entry.begun(before.pairs), Tally())  # nothing to do: no Ray, no model; a run all the same
         save_cache(spec.output, job.plan)
         write_index(spec.output, job.log)
@@ -386,6 +401,7 @@ def run_job(spec: JobSpec, *, new_run: bool = False, retry_errors: bool = False,
         return result
     check_fits_before_start(job)
     job = dataclasses.replace(job, skip={} if new_run else _skip_groups(job, retry_errors))
+    job = dataclasses.replace(job, changes=_changes(job, job.skip, retry_errors))
     if limit is not None:
         job = _limited(job, limit, retry_errors)
     lease = acquire(spec.output, takeover=takeover)  # one writer per OUTPUT, before anything starts
@@ -410,7 +426,8 @@ def _execute(job: Job, new_run: bool, retry_errors: bool, started: float, intera
     check_fits(job)
     done = job.log.done(retry_errors)
     ds = build_dataset(job, done)
-    run = RunRecord(job.fingerprint, spec.manifest.path, job.plan.expected_pairs, new_run, retry_errors, job.log, started, job.plan, entry)
+    run = RunRecord(job.fingerprint, spec.manifest.path, job.plan.expected_pairs, new_run, retry_errors, job.log, started, job.plan,
+                    entry, job.changes)
     sink = OutputDatasink(job.sink, run)
     guard = ErrorRateGuard(spec.errors.max_rate, spec.errors.window)
     progress: Progress | None = None
@@ -434,7 +451,7 @@ def _execute(job: Job, new_run: bool, retry_errors: bool, started: float, intera
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped" if isinstance(e, JobStopped) else "failed"
         # (sink.entry is None when the run failed before it really started: then it has no record)
         finish_run(spec.output, summary(sink.before, this_run, expected=job.plan.expected_pairs, started_at=started, status=status,
-                                        model_fingerprint=job.fingerprint["model"]), sink.entry, this_run)
+                                        model_fingerprint=job.fingerprint["model"], changes=job.changes), sink.entry, this_run)
         raise
     finally:
         progress.close()

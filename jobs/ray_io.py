@@ -17,6 +17,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasink, Datasource, ReadTask, WriteResult
 
 from pipeline.card import write_card
+from pipeline.changes import Changes
 from pipeline.manifest import Manifest, ManifestFile, read_file_rows
 from pipeline.plan import Plan, save_cache
 from pipeline.report import Tally, finish_run, summary
@@ -81,6 +82,7 @@ class RunRecord:
     started_at: float
     plan: Plan | None = None  # its newly read files are cached when the run starts
     entry: RunEntry | None = None  # its record in _runs/, written when it starts
+    changes: Changes = Changes()  # rows edited since their pairs were committed: in the summary
 
 
 class OutputDatasink(Datasink[ShardResult | None]):
@@ -117,7 +119,7 @@ class OutputDatasink(Datasink[ShardResult | None]):
         assert self.run is not None, "on_write_complete runs on the driver"
         this_run = Tally.of(r for r in write_result.write_returns if r is not None)
         data = summary(self.before, this_run, expected=self.run.expected_pairs, started_at=self.run.started_at, status="completed",
-                       model_fingerprint=self.run.fingerprint["model"])
+                       model_fingerprint=self.run.fingerprint["model"], changes=self.run.changes)
         if data["missing"]:
             data["status"] = "incomplete"
         finish_run(self.cfg.output, data, self.entry, this_run)

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
+from pipeline.changes import Changes
 from pipeline.lease import Lease, read_lease
 from pipeline.resume import SUMMARY_FILE, NoJob, read_job, read_log
 from pipeline.runs import RunEntry, history, iso, run_state, write_run
@@ -69,12 +70,14 @@ def stage_throughput(t: Tally) -> dict[str, float]:
 
 
 def summary(before: Tally, this_run: Tally, *, expected: int, started_at: float, status: str,
-            model_fingerprint: str | None = None) -> dict:
+            model_fingerprint: str | None = None, changes: Changes | None = None) -> dict:
     """The end-of-run summary: earlier runs' commits plus this run's. Transient failures
     are this run's only: earlier ones were all made again in this run. Provenance: which
-    genfleet and which model files (the family's fingerprint) made them, and when."""
+    genfleet and which model files (the family's fingerprint) made them, and when.
+    `changes`: rows edited since their pairs were committed (pipeline/changes.py)."""
     ended = time.time()
     wall = ended - started_at
+    changes = changes or Changes()
     total = Tally.of([])
     for t in (before, this_run):
         for k in ("shards", "rows", "pairs", "images", "texts", "errors"):
@@ -96,6 +99,8 @@ def summary(before: Tally, this_run: Tally, *, expected: int, started_at: float,
         "retryable": this_run.retryable,
         "retryable_by_kind": dict(sorted(this_run.retryable_by_kind.items())),
         "shards": total.shards,
+        "changed_rows": changes.rows,
+        "changed_examples": list(changes.examples),
         "this_run": {"rows": this_run.rows, "wall_seconds": round(wall, 2),
                      "rows_per_second": round(this_run.rows / wall, 3) if wall > 0 else None},
         "stage_rows_per_second": stage_throughput(total),

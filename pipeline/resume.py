@@ -46,10 +46,11 @@ class Commit:
 
 
 # the log as one table, a row per committed sample: what resume needs of each (the strings
-# dictionary-encoded: 10^7 pairs stay well under a gigabyte)
+# dictionary-encoded: 10^7 pairs stay well under a gigabyte). `content`: the row's content
+# hash (keys.content_hashes), null in records of versions before it
 _TEXT = pa.dictionary(pa.int32(), pa.string())
 LOG_SCHEMA = pa.schema([("shard", _TEXT), ("key", pa.uint64()), ("status", _TEXT), ("covers", pa.int32()),
-                        ("file", _TEXT), ("row", pa.int64())])
+                        ("file", _TEXT), ("row", pa.int64()), ("content", pa.uint64())])
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,10 @@ class CommitLog:
     retry: KeySet  # transient failures not made since
     table: pa.Table = field(default_factory=LOG_SCHEMA.empty_table)
     unindexed: int = 0  # commit records read one by one (not in the index)
+
+    def files(self) -> set[str]:
+        """The manifest files (identities) the commits came from."""
+        return {f for f in pc.unique(self.table.column("file")).to_pylist() if f}
 
     def done(self, retry_errors: bool = False) -> KeySet:
         """The pairs a run skips: made, and (unless retried) permanently failed."""
@@ -108,6 +113,7 @@ def _log_rows(shard: str, t: pa.Table) -> pa.Table:
         "covers": t.column("covers") if "covers" in names else pa.array(np.ones(n, np.int32)),
         "file": (t.column("file") if "file" in names else pa.nulls(n, pa.string())).cast(_TEXT),
         "row": t.column("row") if "row" in names else pa.nulls(n, pa.int64()),
+        "content": t.column("content") if "content" in names else pa.nulls(n, pa.uint64()),
     }, schema=LOG_SCHEMA)
 
 
@@ -120,7 +126,7 @@ def _read(output: str, paths: list[str]) -> list[tuple[str, ShardResult, pa.Tabl
     for path in paths:
         f = pq.ParquetFile(io.BytesIO(blobs[path]))
         stats = json.loads(f.schema_arrow.metadata[STATS_KEY])
-        cols = [c for c in ("id", "sample_index", "key", "status", "covers", "file", "row") if c in f.schema_arrow.names]
+        cols = [c for c in ("id", "sample_index", "key", "status", "covers", "file", "row", "content") if c in f.schema_arrow.names]
         out.append((path, ShardResult.from_stats(stats), _log_rows(shard_of(path), f.read(columns=cols))))
     return out
 
@@ -130,7 +136,10 @@ def _read_index(output: str) -> tuple[pa.Table, dict[str, ShardResult]]:
     try:
         f = pq.ParquetFile(io.BytesIO(fs.cat_file(join(root, INDEX_FILE))))
         stats = json.loads(f.schema_arrow.metadata[STATS_KEY])
-        return f.read().cast(LOG_SCHEMA), {name: ShardResult.from_stats(s) for name, s in stats.items()}
+        table = f.read()
+        if "content" not in table.column_names:  # an index of a version before content hashes
+            table = table.append_column("content", pa.nulls(table.num_rows, pa.uint64()))
+        return table.cast(LOG_SCHEMA), {name: ShardResult.from_stats(s) for name, s in stats.items()}
     except (FileNotFoundError, OSError, KeyError, ValueError, pa.ArrowException):  # absent or damaged: read the records
         return LOG_SCHEMA.empty_table(), {}
 
@@ -222,7 +231,7 @@ def check_manifest(output_job: dict | None, manifest_url: str, identities: set[s
     its files' identities.)"""
     if output_job is None or not log.table.num_rows or output_job.get("manifest") in (None, redact(manifest_url)):
         return
-    recorded = {f for f in pc.unique(log.table.column("file")).to_pylist() if f}
+    recorded = log.files()
     if recorded and not recorded & identities:
         raise ResumeError(f"output holds a job made from another manifest ({output_job['manifest']}, none of whose "
                           f"{len(recorded)} file(s) is in {redact(manifest_url)}); use another output, or pass --new-run "

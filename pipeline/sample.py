@@ -82,6 +82,7 @@ class Sample:
     failure: Failure | None = None
     covers: int = 1  # manifest pairs this sample accounts for (a failed row stands for all its samples)
     ordinal: int = -1  # the manifest row's position (files in order, rows in order)
+    content: int | None = None  # the row's content hash (keys.content_hashes): a resumed run reports rows edited since
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @property

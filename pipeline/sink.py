@@ -300,6 +300,7 @@ def write_shard(rows: list[Sample], cfg: SinkConfig) -> ShardResult | None:
                        "status": pa.array([status[r.key] for r in rows], pa.string()),
                        "covers": pa.array([r.covers for r in rows], pa.int32()),
                        "kind": pa.array([None if r.failure is None else r.failure.kind for r in rows], pa.string()),
-                       **_placement(rows, cfg.files)})
+                       **_placement(rows, cfg.files),
+                       "content": pa.array([r.content for r in rows], pa.uint64())})  # the row's content hash
     write_atomic(fs, join(root, COMMITS, f"{name}.parquet"), _parquet_bytes(commit, {STATS_KEY: json.dumps(asdict(result)).encode()}))
     return result

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from pipeline.families import get_family
 from pipeline.family import parse_params
-from pipeline.keys import KeySet, pair_hashes
+from pipeline.keys import KeySet, content_hashes, pair_hashes
 from pipeline.manifest import ORDINAL, Manifest, ManifestError, read_file_rows
 from pipeline.plan import MAX_SAMPLES_PER_ROW, sample_counts, samples_of
 from pipeline.rows import to_block
@@ -111,10 +111,10 @@ class ExpandConfig:
     token: str = field(default_factory=lambda: uuid.uuid4().hex)  # one job's config: its Expand is built once per worker
 
 
-def committed_pairs(table: pa.Table, duplicates: dict[int, int], committed: KeySet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Which of each row's pairs are committed, in bulk (one hash and one lookup for the
-    whole table). Row r's candidates are done[first[r]: first[r] + counts[r]]: its samples
-    0..n-1, then its error record's key. `table`: id, ORDINAL and (optionally) num_samples."""
+def pair_keys(table: pa.Table, duplicates: dict[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's candidate pair keys, in bulk (one hash for the whole table). Row r's are
+    keys[first[r]: first[r] + counts[r]]: its samples 0..n-1, then its error record's key.
+    `table`: id, ORDINAL and (optionally) num_samples."""
     ids = pc.fill_null(table.column("id"), "") if "id" in table.column_names else pa.array([""] * table.num_rows)
     n = sample_counts(table.column("num_samples")) if "num_samples" in table.column_names else np.ones(table.num_rows, np.int8)
     ordinals = table.column(ORDINAL).to_numpy()
@@ -124,7 +124,13 @@ def committed_pairs(table: pa.Table, duplicates: dict[int, int], committed: KeyS
     first = np.cumsum(counts) - counts
     index = np.arange(len(row_of)) - first[row_of]
     index[first + counts - 1] = error_index
-    return committed.contains(pair_hashes(pc.take(ids, pa.array(row_of)), pa.array(index))), first, counts
+    return pair_hashes(pc.take(ids, pa.array(row_of)), pa.array(index)), first, counts
+
+
+def committed_pairs(table: pa.Table, duplicates: dict[int, int], committed: KeySet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which of each row's pairs (pair_keys) are committed: done[first[r]: first[r] + counts[r]]."""
+    keys, first, counts = pair_keys(table, duplicates)
+    return committed.contains(keys), first, counts
 
 
 def pending_rows(table: pa.Table, duplicates: dict[int, int], committed: KeySet) -> np.ndarray:
@@ -177,6 +183,7 @@ class Expand:
         self.max_prompt_chars, self.duplicates, self.committed = max_prompt_chars, duplicates, committed
         self.extras = extras  # manifest column -> output column name
         self.end_ordinal = end_ordinal
+        self.input_columns = sorted({inp.name for spec in self.family.tasks.values() for inp in spec.inputs})
 
     def check(self, m: dict) -> dict:
         """Raises RowError for a bad row; returns the fields of its samples and num_samples."""
@@ -228,7 +235,8 @@ class Expand:
         if self.end_ordinal is not None:
             table = table.filter(pc.less(table.column(ORDINAL), self.end_ordinal))
         out: list[Sample] = []
-        for m, (todo, error_done) in zip(manifest_rows(table), self.pending(table)):
+        contents = content_hashes(table, self.input_columns).tolist()
+        for m, (todo, error_done), content in zip(manifest_rows(table), self.pending(table), contents):
             if not todo and m[ORDINAL] not in self.duplicates:  # every sample committed: nothing to validate
                 continue
             extras = {name: m.get(col) for col, name in self.extras.items()}
@@ -242,14 +250,14 @@ class Expand:
                 prompt = m.get("prompt") if isinstance(m.get("prompt"), str) else None
                 key = -(self.duplicates.get(m[ORDINAL], 0) + 1)
                 failed = Sample(id=m.get("id") or "", sample_index=key, task=str(m.get("task") or "t2i"), prompt=prompt,
-                                extras=extras, covers=covers, ordinal=m[ORDINAL])
+                                extras=extras, covers=covers, ordinal=m[ORDINAL], content=content)
                 failed.fail("validate", e.kind, str(e), e.retryable)
                 out.append(failed)
                 continue
             item.pop("num_samples")  # `todo` holds the samples still to make
             for i in todo:
                 out.append(Sample(id=m["id"], sample_index=i, sample_seed=sample_seed(item["seed"], m["id"], i),
-                                  extras=dict(extras), ordinal=m[ORDINAL], **item))
+                                  extras=dict(extras), ordinal=m[ORDINAL], content=content, **item))
         return to_block(out)
 
 

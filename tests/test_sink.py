@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipeline.encode import encode_block
 from pipeline.family import Params
-from pipeline.keys import shard_name
+from pipeline.keys import pair_hashes, shard_name
 from pipeline.resume import list_commits, read_log, remove_debris, retire_errors
 from pipeline.rows import from_block, to_block
 from pipeline.sample import Outputs, Sample
@@ -85,12 +85,16 @@ def test_shard_names_cannot_be_forged_by_ids():
 def test_statuses_in_the_commit_record_and_the_log(tmp_path):
     cfg = SinkConfig(output=str(tmp_path), family="f", model="m")
     rs = rows(2, False) + [failed("bad", covers=3), failed("flaky", "input_unavailable", retryable=True, sample_index=0)]
+    for i, s in enumerate(rs):
+        s.content = 2**64 - 1 - i  # each record carries its row's content hash (uint64), error records too
     result = write_shard(encoded(rs), cfg)
     assert (result.pairs, result.errors, result.retryable) == (5, 1, 1)  # the bad row stands for its 3 pairs
     assert result.retryable_by_kind == {"input_unavailable": 1}
     assert pq.read_table(tmp_path / "retries" / f"{result.shard}.parquet")["id"].to_pylist() == ["flaky"]
     log = read_log(str(tmp_path))
     assert (len(log.ok), len(log.errors), len(log.retry)) == (2, 1, 1)
+    by_key = dict(zip(log.table.column("key").to_pylist(), log.table.column("content").to_pylist()))
+    assert [by_key[k] for k in pair_hashes([s.id for s in rs], [s.sample_index for s in rs]).tolist()] == [s.content for s in rs]
     assert len(log.done()) == 3 and len(log.done(retry_errors=True)) == 2
     # the transient failure made later: no longer pending
     later = sample(9)
