@@ -397,7 +397,7 @@ def run_job(spec: JobSpec, *, new_run: bool = False, retry_errors: bool = False,
         save_cache(spec.output, job.plan)
         write_index(spec.output, job.log)
         write_card(spec.output, job.sink.family, job.sink.model)  # (an output of a version that wrote none)
-        write_report_after_run(spec.output, job.log)  # the log read at the start is still the output's
+        write_report_after_run(spec.output)
         return result
     check_fits_before_start(job)
     job = dataclasses.replace(job, skip={} if new_run else _skip_groups(job, retry_errors))

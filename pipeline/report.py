@@ -11,7 +11,7 @@ from datetime import datetime
 
 from pipeline.changes import Changes
 from pipeline.lease import Lease, read_lease
-from pipeline.resume import SUMMARY_FILE, NoJob, read_job, read_log
+from pipeline.resume import SUMMARY_FILE, NoJob, read_counts, read_job
 from pipeline.runs import RunEntry, history, iso, run_state, write_run
 from pipeline.score_stats import describe
 from pipeline.score_stats import merge as merge_scores
@@ -150,11 +150,8 @@ def status(output: str) -> dict:
     finished = read_summary(output)
     lease = read_lease(output)
     state = run_state(finished, lease)
-    log = read_log(output)
-    commits = log.commits
+    commits, pending = read_counts(output)  # a transient failure is pending until a later shard holds its pair
     t = Tally.of(c.result for c in commits)
-    # a transient failure is pending until a later shard holds its pair: count exactly when any exist
-    pending = len(log.retry)
     runs = history(output, job, commits, finished, lease, time.time(), last=HISTORY_SHOWN)
     run = job["runs"][-1]
     ended = finished if state not in ("running", "dead") else None  # (a summary beside a live lease is the last run's)

@@ -21,7 +21,7 @@ from PIL import Image
 
 from pipeline.lease import read_lease
 from pipeline.report import Tally, read_summary, stage_throughput
-from pipeline.resume import Commit, CommitLog, NoJob, read_job, read_log
+from pipeline.resume import Commit, NoJob, read_counts, read_job, read_results
 from pipeline.runs import RunInfo, history, run_state
 from pipeline.score_stats import describe
 from pipeline.sink import image_bytes
@@ -208,7 +208,7 @@ def read_errors(output: str, kind: str | None = None, per_kind: int = EXAMPLES_P
     the commit stats (so retired errors and debris do not count) with examples from errors/."""
     if read_job(output) is None:
         raise NoJob(f"no genfleet job at {redact(output)} (no _job.json)")
-    commits = read_log(output).commits
+    commits = read_results(output)
     counts = Tally.of(c.result for c in commits).errors_by_kind
     if kind is not None:
         counts = {kind: counts[kind]} if kind in counts else {}
@@ -216,17 +216,13 @@ def read_errors(output: str, kind: str | None = None, per_kind: int = EXAMPLES_P
     return [ErrorKind(k, n, examples.get(k, [])) for k, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
-def gather(output: str, log: CommitLog | None = None) -> ReportData:
-    """What the report shows. `log`: the output's commit log when the caller holds it current
-    (a run that had nothing to do), so that 10^7 committed pairs are not read twice."""
+def gather(output: str) -> ReportData:
     job = read_job(output)
     if job is None:
         raise NoJob(f"no genfleet job at {redact(output)} (no _job.json)")
     summary = read_summary(output)  # None: running, or killed before its end
-    log = log if log is not None else read_log(output)
-    commits = log.commits
+    commits, pending = read_counts(output)  # a transient failure is pending until a later shard holds its pair
     t = Tally.of(c.result for c in commits)
-    pending = len(log.retry)  # pending until a later shard holds the pair
     thumbs, thumb_shards, has_score = read_thumbs(output, commits)
     scores, score_read, score_total = read_clip_scores(output, commits) if has_score else ([], 0, 0)
     now = time.time()

@@ -15,7 +15,7 @@ from html import escape
 
 from pipeline.report_data import ReportData, Thumb, gather
 from pipeline.report_svg import Bar, BarGroup, bar_list, column_chart, histogram
-from pipeline.resume import CommitLog, NoJob
+from pipeline.resume import NoJob
 from pipeline.runs import RunInfo
 from pipeline.score_stats import describe, stats_of
 from pipeline.storage import filesystem, join, redact, write_atomic
@@ -223,20 +223,19 @@ def render(d: ReportData) -> str:
     return f'<!doctype html><html lang="en"><head>{head}</head><body><main>{top}{"".join(sections)}</main></body></html>\n'
 
 
-def write_report(output: str, out: str | None = None, log: CommitLog | None = None) -> str:
-    """Write the report of `output` (to OUTPUT/report.html unless `out`); returns where.
-    `log`: its current commit log, when the caller has it (see gather)."""
-    html = render(gather(output, log))
+def write_report(output: str, out: str | None = None) -> str:
+    """Write the report of `output` (to OUTPUT/report.html unless `out`); returns where."""
+    html = render(gather(output))
     target = out or join(output, REPORT_FILE)
     fs, path = filesystem(target)
     write_atomic(fs, path, html.encode())
     return target
 
 
-def write_report_after_run(output: str, commit_log: CommitLog | None = None) -> None:
+def write_report_after_run(output: str) -> None:
     """At a run's end: a report that cannot be written never changes how the run ended."""
     try:
-        log.info("report: %s", redact(write_report(output, log=commit_log)))
+        log.info("report: %s", redact(write_report(output)))
     except NoJob:
         pass  # the run stopped before it recorded itself: nothing to report
     except Exception as e:  # noqa: BLE001 - the run's own outcome matters more; say why and go on

@@ -144,6 +144,30 @@ def _read_index(output: str) -> tuple[pa.Table, dict[str, ShardResult]]:
         return LOG_SCHEMA.empty_table(), {}
 
 
+def _index_stats(output: str) -> dict[str, ShardResult]:
+    """The index's shard stats, from its footer alone (not its 10^7 keys)."""
+    fs, root = filesystem(output)
+    try:
+        with fs.open(join(root, INDEX_FILE), "rb") as fh:
+            stats = json.loads(pq.ParquetFile(fh).schema_arrow.metadata[STATS_KEY])
+        return {name: ShardResult.from_stats(s) for name, s in stats.items()}
+    except (FileNotFoundError, OSError, KeyError, ValueError, pa.ArrowException):
+        return {}
+
+
+def read_counts(output: str) -> tuple[list[Commit], int]:
+    """What status and the report need: each commit's stats, and how many transient failures
+    are pending (not made since). The keys are read only when some shard holds a transient failure."""
+    listed = {shard_of(p): p for p in list_commits(output)}
+    indexed = _index_stats(output)
+    rest = _read(output, [p for name, p in listed.items() if name not in indexed])
+    results = {**{name: r for name, r in indexed.items() if name in listed}, **{shard_of(p): r for p, r, _ in rest}}
+    commits = [Commit(name, results[name]) for name in sorted(results)]
+    if not any(c.result.retryable for c in commits):
+        return commits, 0
+    return commits, len(read_log(output).retry)
+
+
 def read_log(output: str) -> CommitLog:
     """The commit log: the index (one file) for the shards it holds, and each commit record
     written since, read one by one."""
@@ -185,7 +209,7 @@ def drop_index(output: str) -> None:
 
 def read_results(output: str) -> list[Commit]:
     """Each commit's stats."""
-    return read_log(output).commits
+    return read_counts(output)[0]
 
 
 def read_job(output: str) -> dict | None:
