@@ -18,6 +18,7 @@ import os
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,11 +26,13 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy, DataContext
 
+from jobs.progress import BoardReporter, BoardWatcher
 from jobs.ray_io import ManifestDatasource, OutputDatasink, RunRecord
 from jobs.resources import Pool, check_placement, cluster_nodes, local_nodes
 from jobs.writer import ShardWriter
 from pipeline.card import write_card
 from pipeline.changes import Changes, changed_rows
+from pipeline.display import Progress, ProgressState
 from pipeline.encode import encode_block
 from pipeline.families import get_family
 from pipeline.family import Family, ModelError, StageContext, StageSpec, parse_params
@@ -40,7 +43,7 @@ from pipeline.manifest import Manifest, open_manifest, output_names
 from pipeline.outcome import JobIncomplete, JobStopped
 from pipeline.plan import Plan, make_plan, save_cache
 from pipeline.policy import FetchPolicy
-from pipeline.report import Progress, Tally, finish_run, summary
+from pipeline.report import Tally, finish_run, summary
 from pipeline.report_html import write_report_after_run
 from pipeline.resume import CommitLog, check_output, write_index
 from pipeline.rows import MAX_PACK
@@ -155,17 +158,18 @@ def _record_local_ray() -> None:
     (LOCAL_RAY_RECORDS / f"{os.getpid()}.json").write_text(json.dumps({"driver": os.getpid(), "pgid": os.getpgid(0)}))
 
 
-def connect(spec: JobSpec) -> bool:
+def connect(spec: JobSpec, log_to_driver: bool = True) -> bool:
     """Use the cluster named by the spec or RAY_ADDRESS; otherwise start a local one.
-    True when this call connected (and so the job should disconnect at its end)."""
+    True when this call connected (and so the job should disconnect at its end).
+    `log_to_driver=False` keeps Ray's workers' output off this terminal (a live bar)."""
     if ray.is_initialized():
         return False
     address = _ray_address(spec)
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        _ray_logs(ray.init(address=address, logging_level=logging.WARNING, log_to_driver=log_to_driver), log_to_driver)
         return True
     reap_orphaned_ray()
-    ray.init(
+    context = ray.init(
         address="local",  # a new local Ray: never attach to whatever other Ray runs on this machine
         num_cpus=spec.ray.num_cpus or max(4, os.cpu_count() or 1),
         num_gpus=spec.ray.num_gpus,  # type: ignore[arg-type]  # Ray accepts fractions of declared GPUs
@@ -173,9 +177,17 @@ def connect(spec: JobSpec) -> bool:
         logging_level=logging.WARNING,
         # workers import jobs/pipeline/modeling (and test families) like the driver does
         runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}},
+        log_to_driver=log_to_driver,
     )
     _record_local_ray()
+    _ray_logs(context, log_to_driver)
     return True
+
+
+def _ray_logs(context, log_to_driver: bool) -> None:
+    if not log_to_driver:
+        where = os.path.join(context.address_info.get("session_dir") or "the Ray session directory", "logs")
+        log.info("Ray's own output (its workers' lines) goes to its log files, not to this terminal: %s", where)
 
 
 def disconnect() -> None:
@@ -306,7 +318,8 @@ def pack_size(job: Job) -> int:
     return math.gcd(MAX_PACK, job.spec.output_options.rows_per_shard, last.batch_size)
 
 
-def build_dataset(job: Job, done):
+def build_dataset(job: Job, done, report: BoardReporter | None = None):
+    """`report`: where the model stages count their samples (jobs/progress.py), or nowhere."""
     spec = job.spec
     pack = pack_size(job)
     ds = ray.data.read_datasource(ManifestDatasource(job.manifest, job.skip))
@@ -322,11 +335,12 @@ def build_dataset(job: Job, done):
     for n, g in enumerate(job.groups):
         last = n == len(job.groups) - 1 and job.score is None
         ds = ds.map_batches(StageGroup, fn_constructor_kwargs={"family": spec.family, "stages": g.stages, "attempts": spec.errors.attempts,
-                                                               "pack": pack if last else 0},
+                                                               "pack": pack if last else 0, "report": report},
                             batch_size=g.batch_size, batch_format="pyarrow", compute=_pool(g.cfg.replicas),
                             num_gpus=g.num_gpus or None, num_cpus=g.num_cpus)
     if (sc := job.score) is not None:  # scores on the decoded pixels, before encoding (pipeline/scoring.py)
-        ds = ds.map_batches(ScoreStage, fn_constructor_kwargs={"ctx": sc.stages[0][1], "attempts": spec.errors.attempts, "pack": pack},
+        ds = ds.map_batches(ScoreStage, fn_constructor_kwargs={"ctx": sc.stages[0][1], "attempts": spec.errors.attempts, "pack": pack,
+                                                                "report": report},
                             batch_size=sc.batch_size, batch_format="pyarrow", compute=_pool(sc.cfg.replicas),
                             num_gpus=sc.num_gpus or None, num_cpus=sc.num_cpus)
     return ds.map_batches(encode_block, fn_kwargs={"image_format": spec.output_options.image_format, "quality": spec.output_options.quality},
@@ -377,9 +391,11 @@ def dry_run(spec: JobSpec, *, new_run: bool = False, retry_errors: bool = False)
 
 
 def run_job(spec: JobSpec, *, new_run: bool = False, retry_errors: bool = False, takeover: bool = False,
-            interactive: bool | None = None, limit: int | None = None) -> dict:
+            interactive: bool | None = None, limit: int | None = None,
+            on_progress: Callable[[ProgressState], None] | None = None) -> dict:
     """Run the job to its end. `limit`: only the first `limit` rows with work left (a smoke
-    run; the same command without it completes the output)."""
+    run; the same command without it completes the output). `on_progress`: sees each state of
+    the live display (phase, per-stage counts, commits)."""
     started = time.time()
     job = prepare(spec, new_run=new_run)
     before = Tally.of(c.result for c in job.log.commits)
@@ -407,16 +423,24 @@ def run_job(spec: JobSpec, *, new_run: bool = False, retry_errors: bool = False,
     lease = acquire(spec.output, takeover=takeover)  # one writer per OUTPUT, before anything starts
     job = dataclasses.replace(job, sink=dataclasses.replace(job.sink, lease_owner=lease.owner))
     with Heartbeat(spec.output, lease) as heartbeat:
-        connected_here = connect(spec)
+        # the bar starts at the pairs this run skips (--retry-errors makes the errors again)
+        progress = Progress(job.plan.expected_pairs, len(job.log.done(retry_errors)), interactive, on_state=on_progress)
+        connected_here = False
         try:
-            return _execute(job, new_run, retry_errors, started, interactive, heartbeat, entry)
+            progress.phase("starting Ray")
+            # Ray's worker lines (and its own, printed from other threads and processes) would tear
+            # a live bar apart; rich can move only this process's Python writes above it, so on a
+            # terminal they go to Ray's log files only, and errors still reach genfleet as exceptions.
+            connected_here = connect(spec, log_to_driver=not progress.interactive)
+            return _execute(job, new_run, retry_errors, started, progress, heartbeat, entry)
         finally:
+            progress.close()
             if connected_here:
                 # Stop Ray, and the worker and GCS logs it forwards, before the CLI prints its last line.
                 disconnect()
 
 
-def _execute(job: Job, new_run: bool, retry_errors: bool, started: float, interactive: bool | None, heartbeat: Heartbeat,
+def _execute(job: Job, new_run: bool, retry_errors: bool, started: float, progress: Progress, heartbeat: Heartbeat,
              entry: RunEntry) -> dict:
     spec = job.spec
     ctx = DataContext.get_current()
@@ -425,27 +449,28 @@ def _execute(job: Job, new_run: bool, retry_errors: bool, started: float, intera
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     check_fits(job)
     done = job.log.done(retry_errors)
-    ds = build_dataset(job, done)
+    stages = [name for g in _groups(job) for name, _, _ in g.stages]
+    todo = max(job.plan.expected_pairs - len(done), 0)  # the pairs through the stages this run
+    watcher = BoardWatcher(stages, todo, progress.stages)
+    ds = build_dataset(job, done, watcher.reporter)
     run = RunRecord(job.fingerprint, spec.manifest.path, job.plan.expected_pairs, new_run, retry_errors, job.log, started, job.plan,
                     entry, job.changes)
     sink = OutputDatasink(job.sink, run)
     guard = ErrorRateGuard(spec.errors.max_rate, spec.errors.window)
-    progress: Progress | None = None
     this_run = Tally()
 
     def on_result(r) -> str | None:
         this_run.add(r)
         guard.add(r)
-        if progress is not None:
-            progress.update(sink.before.pairs + this_run.pairs, sink.before.errors + this_run.errors + this_run.retryable)
+        progress.committed(sink.before.pairs + this_run.pairs, sink.before.errors + this_run.errors + this_run.retryable)
         return str(heartbeat.lost) if heartbeat.lost else guard.check()
 
     # the writer counts block rows: packs of samples
     writer = ShardWriter(sink, rows_per_shard=spec.output_options.rows_per_shard // pack_size(job),
                          max_shard_seconds=spec.output_options.max_shard_seconds, on_result=on_result)
-    progress = Progress(job.plan.expected_pairs, 0 if new_run else Tally.of(c.result for c in job.log.commits).pairs, interactive)
     try:
-        writer.run(ds)
+        with watcher:
+            writer.run(ds)
     except BaseException as e:
         # Ctrl-C is the user's choice, not a failure of the job: the same command resumes it
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped" if isinstance(e, JobStopped) else "failed"

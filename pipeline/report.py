@@ -1,10 +1,10 @@
-"""Progress, status and the end-of-run summary, all from shard results (commit stats)."""
+"""Tallies, status and the end-of-run summary, all from shard results (commit stats).
+The live display is pipeline/display.py."""
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -200,35 +200,3 @@ def format_table(data: dict) -> str:
             v = ", ".join(f"{a}={b}" for a, b in v.items()) or "-"
         lines.append(f"  {k:<24} {v}")
     return "\n".join(lines)
-
-
-class Progress:
-    """A live bar on a terminal, plain log lines elsewhere."""
-
-    def __init__(self, total: int, done: int, interactive: bool | None = None):
-        self.total, self.start_done, self.started = total, done, time.time()
-        self.interactive = sys.stderr.isatty() if interactive is None else interactive
-        self._last_log = 0.0
-        self._bar = None
-        if self.interactive:
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-            from rich.progress import Progress as Bar
-
-            self._bar = Bar(TextColumn("genfleet"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} rows/s"),
-                            TextColumn("errors {task.fields[errors]}"), TimeRemainingColumn(), transient=False)
-            self._task = self._bar.add_task("rows", total=total, completed=done, rate="-", errors=0)
-            self._bar.start()
-
-    def update(self, done: int, errors: int) -> None:
-        elapsed = time.time() - self.started
-        rate = (done - self.start_done) / elapsed if elapsed > 0 else 0.0
-        if self._bar is not None:
-            self._bar.update(self._task, completed=done, rate=f"{rate:.2f}", errors=errors)
-        elif time.time() - self._last_log >= 10 or done >= self.total:
-            self._last_log = time.time()
-            eta = f"{(self.total - done) / rate:.0f}s" if rate > 0 else "-"
-            log.info("progress %d/%d, %.2f rows/s, %d errors, eta %s", done, self.total, rate, errors, eta)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()

@@ -11,16 +11,18 @@ here before Ray starts, and its fingerprint joins the job's output fingerprint.
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from pipeline.family import Family, ModelError, StageContext, StageFn, directory_fingerprint
+from pipeline.progress import Report
 from pipeline.rows import map_samples
 from pipeline.sample import Result, RowError, Sample
 from pipeline.spec import ClipScoreConfig, JobSpec, SpecError
-from pipeline.stages import StageRunner
+from pipeline.stages import StageRunner, loaded, run_reported
 
 STAGE = "score"
 CLIP_COLUMN = "clip_score"
@@ -91,12 +93,17 @@ def build_clip(ctx: StageContext) -> StageFn:
 class ScoreStage:
     """The batch function of the score actor pool (Ray-free: jobs/driver.py places it)."""
 
-    def __init__(self, ctx: StageContext, attempts: int = 3, pack: int = 0):
-        self.runner = StageRunner("", STAGE, ctx, attempts=attempts, build=build_clip)
+    def __init__(self, ctx: StageContext, attempts: int = 3, pack: int = 0, report: Report | None = None):
+        """`report`: where this replica says how far it is (pipeline/progress.py), or nowhere."""
+        self.report = report
+        self.runner = loaded(STAGE, partial(StageRunner, "", STAGE, ctx, attempts=attempts, build=build_clip), report)
         self.pack = pack  # the last model stage packs its output (pipeline/rows.py)
 
     def __call__(self, block: pa.Table) -> pa.Table:
-        return map_samples(block, self.runner.run, self.pack)
+        return map_samples(block, self.run, self.pack)
+
+    def run(self, samples: list[Sample]) -> None:
+        run_reported(self.runner, samples, self.report)
 
 
 def check_scores(spec: JobSpec, family: Family, stage_names: list[str]) -> dict[str, Any]:

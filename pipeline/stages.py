@@ -13,11 +13,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 
 import pyarrow as pa
 
 from pipeline.families import get_family
 from pipeline.family import StageContext, StageFn
+from pipeline.progress import Report, StageEvent
 from pipeline.retry import is_transient
 from pipeline.rows import map_samples
 from pipeline.sample import Result, RowError, Sample
@@ -97,8 +99,12 @@ class StageGroup:
     sharing the actor (and its GPUs), run in order.
     stages: (name, context, keep_inputs: a later stage still reads Sample.inputs)."""
 
-    def __init__(self, family: str, stages: list[tuple[str, StageContext, bool]], attempts: int = 3, pack: int = 0):
-        self.runners = [StageRunner(family, name, ctx, keep_inputs=keep, attempts=attempts) for name, ctx, keep in stages]
+    def __init__(self, family: str, stages: list[tuple[str, StageContext, bool]], attempts: int = 3, pack: int = 0,
+                 report: Report | None = None):
+        """`report`: where this replica says how far it is (pipeline/progress.py), or nowhere."""
+        self.report = report
+        self.runners = [loaded(name, partial(StageRunner, family, name, ctx, keep_inputs=keep, attempts=attempts), report)
+                        for name, ctx, keep in stages]
         self.pack = pack  # the last group packs its output for the steps after the models (0: keep the packing)
 
     def __call__(self, block: pa.Table) -> pa.Table:
@@ -106,4 +112,24 @@ class StageGroup:
 
     def run(self, samples: list[Sample]) -> None:
         for runner in self.runners:
-            runner.run(samples)
+            run_reported(runner, samples, self.report)
+
+
+def loaded(stage: str, build: Callable[[], StageRunner], report: Report | None) -> StageRunner:
+    """Build a stage's runner (its model), reporting the load's start and end."""
+    if report is not None:
+        report(StageEvent(stage, "loading"))
+    runner = build()
+    if report is not None:
+        report(StageEvent(stage, "loaded"))
+    return runner
+
+
+def run_reported(runner: StageRunner, samples: list[Sample], report: Report | None) -> None:
+    """Run one stage over a batch, reporting its samples started and finished (every sample
+    of the batch: a failed one has passed this stage too)."""
+    if report is not None:
+        report(StageEvent(runner.name, "started", len(samples)))
+    runner.run(samples)
+    if report is not None:
+        report(StageEvent(runner.name, "finished", len(samples)))

@@ -99,9 +99,12 @@ def test_a_job_with_scores_clip_writes_the_column(ray_cluster, clip_dir, tmp_pat
     rows.append({"id": "bad", "prompt": "please reject me"})  # a stage's row error: no image, no score
     manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
     out = tmp_path / "out"
-    result = run_job(toy_spec(manifest, str(out), clip_dir), interactive=False)
+    states = []
+    result = run_job(toy_spec(manifest, str(out), clip_dir), interactive=False, on_progress=states.append)
     assert result["status"] == "completed" and result["images"] == 9 and result["errors_by_kind"] == {"rejected": 1}
     assert "score" in result["stage_rows_per_second"]
+    pairs = result["committed"]  # the live counts, against the commits: the score stage reports as the family's do
+    assert {n: c.done for n, c in states[-1].stages.items()} == {"noise": pairs, "shade": pairs, "score": pairs}
 
     table = pq.read_table(out / "images")
     assert table.schema.field("clip_score").type == pa.float32()
