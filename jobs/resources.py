@@ -4,16 +4,20 @@ Ray Data waits forever for an actor that no node can hold, so the driver checks 
 each replica must fit on one node (a stage with `num_gpus: 2` needs a node with 2 GPUs,
 not 2 GPUs somewhere in the cluster). For a local start the check runs before Ray starts,
 against what the local Ray will declare; against a running cluster, right after connecting.
-Every stage that does not fit is named in one message.
+Every stage that does not fit is named in one message. Stages that each fit but not all at
+once still run (Ray Data starts a stage's actors when an earlier stage's are gone): a warning.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pipeline.spec import JobSpec, SpecError
+
+log = logging.getLogger("genfleet")
 
 # CPU the actors must leave for the plain tasks (reading with validation, encoding) to run at all
 TASK_CPUS = 0.75
@@ -66,9 +70,9 @@ def _describe(nodes: Sequence[Node]) -> str:
     return f"{len(nodes)} nodes: " + ", ".join(f"{n.name} {n.cpus:g} CPUs/{n.gpus:g} GPUs" for n in nodes)
 
 
-def placement_problems(pools: Sequence[Pool], nodes: Sequence[Node]) -> list[str]:
-    """Place each pool's minimum replicas on the nodes, largest first (first fit); a
-    replica that fits on no node is a problem of its stage. Empty: everything fits."""
+def _place(pools: Sequence[Pool], nodes: Sequence[Node]) -> tuple[dict[str, int], float]:
+    """First fit, largest replicas first, of each pool's minimum replicas on the nodes:
+    replicas that found no room, per pool, and the CPUs left over."""
     free = [[n.gpus, n.cpus] for n in nodes]
     replicas = sorted(((p, i) for p in pools for i in range(p.min_replicas)), key=lambda r: (-r[0].num_gpus, -r[0].num_cpus))
     short: dict[str, int] = {}
@@ -80,20 +84,41 @@ def placement_problems(pools: Sequence[Pool], nodes: Sequence[Node]) -> list[str
                 break
         else:
             short[pool.name] = short.get(pool.name, 0) + 1
+    return short, sum(room[1] for room in free)
+
+
+def placement_problems(pools: Sequence[Pool], nodes: Sequence[Node]) -> list[str]:
+    """The pools that cannot run at all: whose minimum replicas do not fit the nodes even
+    with the other stages' actors gone (Ray Data then waits forever). Empty: each can run."""
     problems = []
     for p in pools:
-        if p.name in short:
+        short, _ = _place([p], nodes)
+        if short:
             need = f"{p.num_gpus:g} GPU(s) and {p.num_cpus:g} CPU(s) per replica on one node"
             problems.append(f"stages.{p.name} needs {need}; {short[p.name]} of its {p.min_replicas} replica(s) do not fit")
-    if not problems and sum(room[1] for room in free) < TASK_CPUS - 1e-9:
-        problems.append(f"the stages' actors take every CPU; reading and encoding need {TASK_CPUS:g} more")
+    return problems
+
+
+def sharing_problems(pools: Sequence[Pool], nodes: Sequence[Node]) -> list[str]:
+    """What keeps the stages from all running at once (each can run alone): a stage then waits
+    for an earlier one to finish all its rows, and the rows in between pile up."""
+    short, cpus_left = _place(pools, nodes)
+    problems = [f"stages.{name} ({n} replica(s))" for name, n in short.items()]
+    if not problems and cpus_left < TASK_CPUS - 1e-9:
+        problems.append(f"reading and encoding (the actors take every CPU; they need {TASK_CPUS:g} more)")
     return problems
 
 
 def check_placement(pools: Sequence[Pool], nodes: Sequence[Node], where: str) -> None:
-    """Raise one SpecError naming every stage that cannot be placed on `nodes` (`where`: which Ray)."""
+    """Raise one SpecError naming every stage that cannot be placed on `nodes` (`where`: which Ray);
+    warn when they fit only one after another."""
     problems = placement_problems(pools, nodes)
-    if problems:
-        raise SpecError(f"the job does not fit {where} ({_describe(nodes)}): " + "; ".join(problems)
+    if not problems:
+        waiting = sharing_problems(pools, nodes)
+        if waiting:
+            log.warning("the stages do not all fit %s at once (%s): %s wait(s) for earlier stages to finish their rows; "
+                        "give the job more GPUs/CPUs or fewer replicas to run them side by side", where, _describe(nodes), ", ".join(waiting))
+        return
+    raise SpecError(f"the job does not fit {where} ({_describe(nodes)}): " + "; ".join(problems)
                         + ". Run every stage on CPU with --cpu, put stages on CPU with --set stages.NAME.num_gpus=0, "
                           "use fewer replicas, or declare GPUs with --set ray.num_gpus=N")

@@ -67,8 +67,9 @@ def check_clip_model(directory: str) -> None:
 
 
 def clip_fingerprint(directory: str) -> str:
-    """Every file's name and size, and the contents of the configs and tokenizer files."""
-    return directory_fingerprint(directory, CONFIG_SUFFIXES)
+    """Every file's name and size, and the contents of the configs and tokenizer files, and of
+    weights small enough to read at every start (under 64 MiB: two tiny CLIPs of one shape differ)."""
+    return directory_fingerprint(directory, (*CONFIG_SUFFIXES, ".safetensors"))
 
 
 def build_clip(ctx: StageContext) -> StageFn:

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.driver import run_job
-from jobs.resources import Node, Pool, placement_problems
+from jobs.resources import Node, Pool, placement_problems, sharing_problems
 from pipeline.resume import JOB_FILE, list_commits
 from pipeline.spec import SpecError, load_spec
 from tests.conftest import ROOT, TOY
@@ -113,10 +113,14 @@ def test_placement_is_per_node_not_the_cluster_sum():
     assert placement_problems([Pool("lmm", 1, 1, 2)], two_nodes) == []  # one replica on each
     [problem] = placement_problems([Pool("lmm", 2, 1, 1)], two_nodes)  # 2 GPUs in the cluster, on no one node
     assert problem.startswith("stages.lmm needs 2 GPU(s) and 1 CPU(s) per replica on one node; 1 of its 1")
+    # stages that each fit, but not all at once: they run one after another (a warning, not an error)
+    one_gpu = [Node("a", 8, 1)]
+    assert placement_problems([Pool("prior", 1, 1, 1), Pool("decoder", 1, 1, 1)], one_gpu) == []
+    assert sharing_problems([Pool("prior", 1, 1, 1), Pool("decoder", 1, 1, 1)], one_gpu) == ["stages.decoder (1 replica(s))"]
     # the largest first: a 1-GPU pool does not take the node a 2-GPU pool needs
-    assert placement_problems([Pool("vae", 1, 1, 1), Pool("lmm", 2, 1, 1)], [Node("a", 8, 1), Node("b", 8, 2)]) == []
-    assert placement_problems([Pool("prep", 0, 4, 2)], [Node("a", 8, 0)]) == [
-        "the stages' actors take every CPU; reading and encoding need 0.75 more"]
+    assert sharing_problems([Pool("vae", 1, 1, 1), Pool("lmm", 2, 1, 1)], [Node("a", 8, 1), Node("b", 8, 2)]) == []
+    assert sharing_problems([Pool("prep", 0, 4, 2)], [Node("a", 8, 0)]) == [
+        "reading and encoding (the actors take every CPU; they need 0.75 more)"]
 
 
 def test_an_output_refuses_another_manifest_but_not_the_same_files_moved(ray_cluster, tmp_path):
