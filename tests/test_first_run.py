@@ -145,3 +145,20 @@ def test_an_output_refuses_another_manifest_but_not_the_same_files_moved(ray_clu
         assert run_job(spec(moved), interactive=False)["committed"] == 8
     finally:
         del os.environ["RAY_ADDRESS"]
+
+
+def test_a_start_that_fails_loading_a_model_leaves_no_job_behind(ray_cluster, tmp_path):
+    from pipeline.resume import SUMMARY_FILE
+
+    m, out = manifest(tmp_path, n=2), tmp_path / "out"
+
+    def spec(*sets):
+        return load_spec(None, {"family": TOY, "model": "toy", "manifest": str(m), "output": str(out)},
+                         ["stages.shade.device=cpu", "outputs.rows_per_shard=4", *sets])
+
+    with pytest.raises(Exception, match="toy weights are missing"):
+        run_job(spec("stages.shade.options.fail_build=1"), interactive=False)
+    assert not (out / JOB_FILE).exists() and not (out / SUMMARY_FILE).exists()
+    # so the corrected command (other settings) is not refused as another job: no --new-run
+    assert run_job(spec(), interactive=False)["status"] == "completed"
+    assert committed(out) == [(f"r{i}", s) for i in range(2) for s in range(2)]
