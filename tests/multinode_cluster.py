@@ -72,6 +72,7 @@ def add_hidden_node(directory: str, address: str, num_cpus: float) -> subprocess
 
 
 def main() -> None:
+    started = time.monotonic()
     plan = json.load(sys.stdin)
     nodes = plan["nodes"]
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # the nodes' workers inherit it
@@ -85,7 +86,9 @@ def main() -> None:
         ray.init(address=cluster.address, logging_level="WARNING")
         results["nodes"] = [n["NodeID"] for n in wait_for_alive(nodes["count"])]
         seen: set[str] = set()
+        results["start_seconds"] = round(time.monotonic() - started, 1)
         for step in plan["steps"]:
+            began = time.monotonic()
             if "hide" in step:
                 before = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
                 hidden.append(add_hidden_node(step["hide"], cluster.address, nodes["num_cpus"]))
@@ -93,6 +96,7 @@ def main() -> None:
                 results["steps"].append({"hidden_node": new.pop()})
             else:
                 results["steps"].append(run_step(step, cluster.address, seen))
+            results["steps"][-1]["seconds"] = round(time.monotonic() - began, 1)  # where a slow run spends its time
     finally:
         ray.shutdown()
         for p in hidden:  # the node's `ray start --block` and the raylet it started: their own process group

@@ -31,15 +31,18 @@ from tests.conftest import ROOT, write_manifest
 BUCKET = "s3://b-multinode"
 NODES = {"count": 2, "num_cpus": 4, "num_gpus": 2}
 
-# both: every model stage in batches of one row, so that which replica gets which row changes nothing
-BAGEL = ["stages.vae_encode.num_gpus=0", "stages.vae_decode.num_gpus=0", "stages.lmm.num_gpus=2", "stages.lmm.device=cpu",
+# both: every model stage in batches of one row, so that which replica gets which row changes nothing; three
+# actor pools (the small stages co-located), fewer processes to start on a small machine
+BAGEL = ["stages.vae_encode.colocate=true", "stages.vae_decode.colocate=true", "stages.lmm.num_gpus=2", "stages.lmm.device=cpu",
          "stages.prepare.batch_size=1", "stages.vae_encode.batch_size=1", "stages.lmm.batch_size=1", "stages.vae_decode.batch_size=1",
          "sampler.t2i.num_timesteps=3", "sampler.edit.num_timesteps=3", "outputs.rows_per_shard=2",
          "stages.prepare.options={vae_transform: [128, 64, 16], vit_transform: [112, 28, 14]}"]
-DALLE2 = ["stages.prior.num_gpus=0", "stages.upsampler2.num_gpus=0", "stages.decoder.num_gpus=2", "stages.decoder.device=cpu",
+DALLE2 = ["stages.prior.colocate=true", "stages.upsampler2.colocate=true", "stages.decoder.num_gpus=2", "stages.decoder.device=cpu",
           "stages.prepare.batch_size=1", "stages.prior.batch_size=1", "stages.decoder.batch_size=1", "stages.upsampler2.batch_size=1",
           "sampler.t2i.prior_steps=3", "sampler.t2i.decoder_steps=3", "sampler.variation.decoder_steps=3", "outputs.rows_per_shard=2"]
-TWO_REPLICAS = {"bagel": "stages.lmm.replicas=2", "dalle2": "stages.decoder.replicas=2"}
+# the two-node runs: two replicas of the 2-GPU stage, one per node; BAGEL's also splits its LLM layers
+# over the replica's two (stand-in) devices (modeling/layer_split.py): neither changes a byte
+TWO_REPLICAS = {"bagel": ["stages.lmm.replicas=2", "stages.lmm.options.split_devices=2"], "dalle2": ["stages.decoder.replicas=2"]}
 
 
 def _png(w, h, seed) -> bytes:
@@ -95,8 +98,8 @@ def cluster(setup):
     d, bagel = setup["dir"], setup["bagel"]
     hide = _can_hide_a_directory()
     steps = [
-        {"job": "bagel", "spec": {**bagel, "output": f"{BUCKET}/bagel-2n"}, "sets": [*BAGEL, TWO_REPLICAS["bagel"]]},
-        {"job": "dalle2", "spec": {**setup["dalle2"], "output": f"{BUCKET}/dalle2-2n"}, "sets": [*DALLE2, TWO_REPLICAS["dalle2"]]},
+        {"job": "bagel", "spec": {**bagel, "output": f"{BUCKET}/bagel-2n"}, "sets": [*BAGEL, *TWO_REPLICAS["bagel"]]},
+        {"job": "dalle2", "spec": {**setup["dalle2"], "output": f"{BUCKET}/dalle2-2n"}, "sets": [*DALLE2, *TWO_REPLICAS["dalle2"]]},
         {"job": "local_output", "spec": {**bagel, "output": str(d / "local-out")}, "sets": BAGEL},
         {"job": "local_manifest", "spec": {**bagel, "manifest": setup["local_manifest"], "output": f"{BUCKET}/lm"}, "sets": BAGEL},
         {"job": "three_gpus", "spec": {**bagel, "output": f"{BUCKET}/g3"}, "sets": [*BAGEL, "stages.lmm.num_gpus=3"]},
@@ -105,7 +108,10 @@ def cluster(setup):
     results = d / "results.json"
     plan = {"nodes": NODES, "results": str(results), "steps": steps}
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "multinode_cluster.py")], input=json.dumps(plan), text=True,
-                          capture_output=True, cwd=ROOT, env=dict(os.environ))
+                          capture_output=True, cwd=ROOT,
+                          # each pool starts its data only once all its replicas are up: on a busy machine a
+                          # tiny job could otherwise end before the second replica (the second node's) starts
+                          env={**os.environ, "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "600"})
     assert proc.returncode == 0 and results.exists(), proc.stderr[-4000:]
     out = json.loads(results.read_text())
     by_job = {s["job"]: s for s in out["steps"] if "job" in s}
