@@ -1,6 +1,7 @@
 """Two real Ray nodes (ray.cluster_utils.Cluster, each with 2 fake GPUs and its own CPUs): a tiny
 BAGEL and a tiny DALLE2 job with their big stage's two replicas forced onto both nodes make the
-same bytes as on one node; a local OUTPUT or manifest, a stage bigger than any one node, and a
+same bytes as on one node (BAGEL's replicas also split their LLM layers over their two stand-in
+devices, modeling/layer_split.py); a local OUTPUT or manifest, a stage bigger than any one node, and a
 model one node cannot read are refused with one line.
 
 The cluster runs in a subprocess (tests/multinode_cluster.py), one start for the module, so that
@@ -147,6 +148,7 @@ def test_local_output_refused_on_two_nodes(cluster, setup):
     msg = cluster["jobs"]["local_output"]["refused"]
     assert "\n" not in msg
     assert f"output {setup['dir'] / 'local-out'} is a local path" in msg and "2 nodes" in msg and "s3://" in msg, msg
+    assert not [p for p in (setup["dir"] / "local-out").rglob("*")]  # refused before anything was written (the lease is gone)
 
 
 def test_local_manifest_refused_on_two_nodes(cluster, setup):
