@@ -26,6 +26,7 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy, DataContext
 
+from jobs.nodes import check_cluster
 from jobs.progress import BoardReporter, BoardWatcher
 from jobs.ray_io import ManifestDatasource, OutputDatasink, RunRecord
 from jobs.resources import Pool, check_placement, cluster_nodes, local_nodes
@@ -301,8 +302,10 @@ def check_fits_before_start(job: Job) -> None:
 
 
 def check_fits(job: Job) -> None:
-    """Against the Ray this driver is connected to, node by node."""
-    check_placement(_pools(job), cluster_nodes(ray.nodes()), "the Ray cluster" if _ray_address(job.spec) else "the local Ray")
+    """Against the Ray this driver is connected to, node by node; several nodes: shared storage, a model each reads."""
+    nodes = ray.nodes()
+    check_placement(_pools(job), cluster_nodes(nodes), "the Ray cluster" if _ray_address(job.spec) else "the local Ray")
+    check_cluster(job.spec, nodes)
 
 
 def _pool(replicas) -> ActorPoolStrategy:

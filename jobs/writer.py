@@ -5,7 +5,7 @@ slow GPU stage a 1000-row shard would hold finished work for hours, all of it lo
 in a crash. Here the driver streams the pipeline's output block references (never
 the data), and hands a bundle to a write task as soon as it holds rows_per_shard
 rows or its oldest block has waited max_shard_seconds. The Datasink's lifecycle is
-kept as it is: on_write_start before the first write, `write` in each task,
+kept as it is: on_write_start before the first write (when the first block arrives), `write` in each task,
 on_write_complete with every result.
 """
 
@@ -90,9 +90,17 @@ class ShardWriter:
         if self._stop is not None:
             raise JobStopped(self._stop)
 
+    def _start(self) -> None:
+        """The run really starts (the sink records it) when the first block is through every
+        stage: a job whose models fail to load, or that cannot start, leaves no record behind."""
+        if self._sink_ref is None:
+            self.sink.on_write_start()
+            self._sink_ref = ray.put(self.sink)
+
     def _consume(self, bundles) -> None:
         for bundle in bundles:
             self._check()
+            self._start()
             with self._lock:
                 for entry in bundle.blocks:
                     self._refs.append(entry.ref)
@@ -104,8 +112,6 @@ class ShardWriter:
                 time.sleep(TICK_SECONDS)
 
     def run(self, ds: Dataset) -> WriteResult:
-        self.sink.on_write_start()
-        self._sink_ref = ray.put(self.sink)
         done = threading.Event()
         ticker = threading.Thread(target=self._tick, args=(done,), daemon=True, name="genfleet-writer")
         ticker.start()
@@ -115,6 +121,7 @@ class ShardWriter:
                 self._consume(bundles)
             finally:
                 bundles = None  # a pipeline left unfinished shuts down when its iterator goes
+            self._start()  # (a pipeline that made no block: the run is recorded all the same)
             with self._lock:
                 self._flush()
             while self._in_flight and self._error is None:

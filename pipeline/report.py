@@ -119,7 +119,10 @@ def write_summary(output: str, data: dict) -> None:
 
 def finish_run(output: str, data: dict, entry: RunEntry | None, this_run: Tally) -> None:
     """A run's end: its summary (`data`), then its record in _runs/ with how it ended and
-    this run's counts (`entry` None: the run never really started, so it has no record)."""
+    this run's counts (`entry` None: the run never really started, so it has no record; and an
+    output that holds no job yet gets no summary either)."""
+    if entry is None and read_job(output) is None:
+        return
     write_summary(output, data)
     if entry is not None:
         counts = replace(entry.counts, committed=this_run.pairs, images=this_run.images, texts=this_run.texts,

@@ -149,3 +149,18 @@ def test_an_output_refuses_another_manifest_but_not_the_same_files_moved(ray_clu
         assert run_job(spec(moved), interactive=False)["committed"] == 8
     finally:
         del os.environ["RAY_ADDRESS"]
+
+
+def test_a_start_that_fails_loading_a_model_leaves_no_job_behind(ray_cluster, tmp_path):
+    from pipeline.resume import SUMMARY_FILE
+
+    m, out = manifest(tmp_path, n=2), tmp_path / "out"
+    # in a Ray of its own: the failed job's cancelled tasks would leave this session's workers half-way through imports
+    r = genfleet(*job_args(m, out, "--cpu", "--set", "stages.shade.options.fail_build=1"))
+    assert r.returncode == 1 and "toy weights are missing" in r.stderr, r.stderr
+    assert not (out / JOB_FILE).exists() and not (out / SUMMARY_FILE).exists()
+    # so the corrected command (other settings) is not refused as another job: no --new-run
+    spec = load_spec(None, {"family": TOY, "model": "toy", "manifest": str(m), "output": str(out), "cpu": True},
+                     ["outputs.rows_per_shard=4"])
+    assert run_job(spec, interactive=False)["status"] == "completed"
+    assert committed(out) == [(f"r{i}", s) for i in range(2) for s in range(2)]

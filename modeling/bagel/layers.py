@@ -62,29 +62,35 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class KVCache:
     """Rows packed back to back, each with its own capacity (no padding to the longest):
     per layer `k, v: [sum(capacities), Hkv, D]`; row r owns slots starts[r] .. + capacity[r]
-    and `lens[r]` of them are valid."""
+    and `lens[r]` of them are valid. `layer_devices`: each layer's own device (a stack split
+    across devices, modeling/layer_split.py); by default every layer's is `device`."""
 
-    def __init__(self, n_layers: int, capacities: list[int], n_kv: int, head_dim: int, device, dtype):
+    def __init__(self, n_layers: int, capacities: list[int], n_kv: int, head_dim: int, device, dtype, layer_devices=None):
         caps = [max(1, c) for c in capacities]
         shape = (sum(caps), n_kv, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        devices = list(layer_devices) if layer_devices is not None else [device] * n_layers
+        self.k = [torch.zeros(shape, device=d, dtype=dtype) for d in devices]
+        self.v = [torch.zeros(shape, device=d, dtype=dtype) for d in devices]
         self.capacity = torch.tensor(caps, device=device)
         self.starts = torch.cumsum(self.capacity, 0) - self.capacity
         self.lens = [0] * len(caps)
+        # (capacity, starts) on each layer device, copied once: indexing needs them where the layer's rows are
+        self._index = {d: (self.capacity.to(d), self.starts.to(d)) for d in {k.device for k in self.k}}
 
     def read(self, layer: int, rows: Tensor, length: int) -> tuple[Tensor, Tensor]:
         """k, v of the first `length` slots of each row: [S, length, Hkv, D] (slots past a
         row's capacity repeat its last one; callers mask what lies past a row's length)."""
+        capacity, starts = self._index[self.k[layer].device]
         ar = torch.arange(length, device=rows.device)
-        idx = self.starts[rows][:, None] + torch.minimum(ar[None, :], self.capacity[rows][:, None] - 1)
+        idx = starts[rows][:, None] + torch.minimum(ar[None, :], capacity[rows][:, None] - 1)
         return self.k[layer][idx], self.v[layer][idx]
 
     def write(self, layer: int, rows: Tensor, slots: Tensor, k: Tensor, v: Tensor) -> None:
         # rows, slots: [N] per token; k, v: [N, Hkv, D]
-        if layer == 0 and bool((slots >= self.capacity[rows]).any()):
+        capacity, starts = self._index[self.k[layer].device]
+        if layer == 0 and bool((slots >= capacity[rows]).any()):
             raise ValueError("KV cache row overflow: a forward writes past its row's capacity")
-        idx = self.starts[rows] + slots
+        idx = starts[rows] + slots
         self.k[layer][idx] = k
         self.v[layer][idx] = v
 

@@ -8,6 +8,7 @@ tokens use the understanding weights. The model holds no sampling logic (see sam
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from modeling.bagel.layers import KVCache, Plan, RMSNorm, apply_rope, attention, rope_cos_sin
 from modeling.bagel.vit import SiglipParams, SiglipVisionModel
+from modeling.layer_split import LayerSplit
 
 
 @dataclass
@@ -231,6 +233,20 @@ class Bagel(nn.Module):
         self.time_embedder = TimestepEmbedder(p.hidden_size)
         self.latent_pos_embed = PosTable(p.max_latent_size, p.hidden_size)
         self.vit_pos_embed = PosTable(p.vit_max_num_patch_per_side, p.hidden_size)
+        self.split: LayerSplit | None = None  # split_layers(): the LLM layers across several devices
+
+    def split_layers(self, devices: Sequence[torch.device | str]) -> LayerSplit:
+        """Put the LLM's decoder layers on `devices` in contiguous runs (a pipeline split by layer);
+        everything else (embeddings, ViT, final norms, heads) stays on the first, where forward
+        takes its inputs and returns its output. Call after loading, before new_cache."""
+        split = LayerSplit(devices, self.params.num_layers)
+        lm = self.language_model.model
+        layers, lm.layers = lm.layers, nn.ModuleList()  # set aside: the rest goes home, each layer straight to its device
+        self.to(split.home)
+        lm.layers = layers
+        split.place(layers)
+        self.split = split
+        return split
 
     # -- embeddings of the three token kinds: [n, D] each
     def embed_text(self, ids: Tensor) -> Tensor:
@@ -254,8 +270,12 @@ class Bagel(nn.Module):
             idx = (torch.nonzero(~gen).flatten(), torch.nonzero(gen).flatten())
         lm = self.language_model.model
         rope = rope_cos_sin(pos, self.params.head_dim, self.params.rope_theta)
-        for i, layer in enumerate(lm.layers):
-            h = layer(h, rope, plan, idx, cache, i)
+        if self.split is not None:
+            # the cache is not moved: each layer's keys and values already live on its device
+            h = self.split.forward(lm.layers, h, (rope, plan, idx), lambda layer, i, x, s: layer(x, s[0], s[1], s[2], cache, i))
+        else:
+            for i, layer in enumerate(lm.layers):
+                h = layer(h, rope, plan, idx, cache, i)
         return routed(h, idx, lm.norm, lm.norm_moe_gen)
 
     def compile_blocks(self) -> None:
@@ -273,4 +293,5 @@ class Bagel(nn.Module):
 
     def new_cache(self, capacities: list[int]) -> KVCache:
         p, w = self.params, self.vae2llm.weight
-        return KVCache(p.num_layers, capacities, p.num_kv_heads, p.head_dim, w.device, w.dtype)
+        layer_devices = self.split.layer_devices() if self.split is not None else None
+        return KVCache(p.num_layers, capacities, p.num_kv_heads, p.head_dim, w.device, w.dtype, layer_devices)

@@ -12,7 +12,8 @@ with the same device and vae_dtype share one AE.
 Stage options: vae_transform / vit_transform ([max, min, stride], prepare); emit_latents
 (vae_decode); vae_dtype (VAE stages; default: the stage dtype -- float32 is what the
 reference app uses for the VAE); lmm: quantize (nf4 | int8, bitsandbytes on CUDA),
-attention (split | masked, see modeling/bagel/attn.py), compile (bool).
+attention (split | masked, see modeling/bagel/attn.py), compile (bool), split_devices (N: the
+LLM layers split across the actor's first N GPUs, for `num_gpus: N`; modeling/layer_split.py).
 Edit outputs take the input's resized size (row width/height are ignored); t2i sizes
 must be multiples of 16, <= 1024. Sampler defaults are the reference's (modeling/bagel/sampling.py).
 """
@@ -253,16 +254,26 @@ def build_lmm(ctx: StageContext):
     from modeling.bagel.load import load_bagel, load_tokenizer
     from modeling.bagel.quant import check_quantize, quantize_llm
     from modeling.bagel.sampling import THINK_GENERATE_PROMPT, THINK_UNDERSTAND_PROMPT
+    from modeling.layer_split import devices_for
 
     quant = ctx.options.get("quantize")
+    try:
+        devices = devices_for(ctx.device, ctx.options.get("split_devices", 1))
+    except ValueError as e:
+        raise ValueError(f"lmm option split_devices: {e}") from None
+    if quant and len(devices) > 1:
+        raise ValueError("lmm options quantize and split_devices do not combine: quantized layers stay on one GPU")
     check_quantize(quant, ctx.device)  # before the weights load
     attn = ctx.options.get("attention", "split")
     if attn not in ("split", "masked"):
         raise ValueError(f"lmm option attention must be split or masked, got {attn!r}")
     tok, special = load_tokenizer(ctx.model_path)
-    model: Any = load_bagel(ctx.model_path, "cpu" if quant else ctx.device, _dtype(ctx.dtype))
+    # split: load on the CPU, then each layer goes straight to its device (the whole model may fit on none)
+    model: Any = load_bagel(ctx.model_path, "cpu" if quant or len(devices) > 1 else ctx.device, _dtype(ctx.dtype))
     if quant:
         model = quantize_llm(model, quant, ctx.device)
+    if len(devices) > 1:
+        model.split_layers(devices)
     if ctx.options.get("compile"):
         model.compile_blocks()
     system = {"understand": tok.encode(THINK_UNDERSTAND_PROMPT), "image": tok.encode(THINK_GENERATE_PROMPT)}
