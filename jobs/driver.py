@@ -29,7 +29,7 @@ from ray.data import ActorPoolStrategy, DataContext
 from jobs.nodes import check_cluster
 from jobs.progress import BoardReporter, BoardWatcher
 from jobs.ray_io import ManifestDatasource, OutputDatasink, RunRecord
-from jobs.resources import Pool, check_placement, cluster_nodes, local_nodes
+from jobs.resources import Node, Pool, check_placement, cluster_nodes, local_nodes
 from jobs.writer import ShardWriter
 from pipeline.card import write_card
 from pipeline.changes import Changes, changed_rows
@@ -39,6 +39,7 @@ from pipeline.families import get_family
 from pipeline.family import Family, ModelError, StageContext, StageSpec, parse_params
 from pipeline.guard import ErrorRateGuard
 from pipeline.inputs import fetch_block
+from pipeline.keys import KeySet
 from pipeline.lease import Heartbeat, acquire
 from pipeline.manifest import Manifest, open_manifest, output_names
 from pipeline.outcome import JobIncomplete, JobStopped
@@ -294,11 +295,14 @@ def _ray_address(spec: JobSpec) -> str | None:
     return spec.ray.address or os.environ.get("RAY_ADDRESS")
 
 
-def check_fits_before_start(job: Job) -> None:
-    """A local start: will the Ray it starts hold every stage? Asked before starting it."""
-    if not ray.is_initialized() and not _ray_address(job.spec):
-        nodes, why = local_nodes(job.spec)
-        check_placement(_pools(job), nodes, f"the local Ray ({why})")
+def check_fits_before_start(job: Job) -> tuple[Node, str] | None:
+    """A local start: will the Ray it starts hold every stage? Asked before starting it.
+    Returns that Ray's node and why it has its GPUs; None when the job joins a running Ray."""
+    if ray.is_initialized() or _ray_address(job.spec):
+        return None
+    nodes, why = local_nodes(job.spec)
+    check_placement(_pools(job), nodes, f"the local Ray ({why})")
+    return nodes[0], why
 
 
 def check_fits(job: Job) -> None:
@@ -350,9 +354,9 @@ def build_dataset(job: Job, done, report: BoardReporter | None = None):
                           batch_format="pyarrow", num_cpus=0.5)
 
 
-def _limited(job: Job, limit: int, retry_errors: bool) -> Job:
-    """Only the first `limit` rows with work left: the rest of the manifest is not read."""
-    end = end_of_first_pending(job.manifest, job.skip, job.plan.duplicates, job.log.done(retry_errors), limit)
+def _limited(job: Job, limit: int, done: KeySet) -> Job:
+    """Only the first `limit` rows with work left (`done`: the pairs this run skips): the rest of the manifest is not read."""
+    end = end_of_first_pending(job.manifest, job.skip, job.plan.duplicates, done, limit)
     if end is None:  # fewer rows than that are left: the whole run
         return job
     skip = {f.identity: job.skip.get(f.identity, frozenset()) | {g for g, first in enumerate(f.first_ordinal + f.group_starts()) if first >= end}
@@ -370,12 +374,12 @@ def dry_run(spec: JobSpec, *, new_run: bool = False, retry_errors: bool = False)
     the stages fit a local Ray) and the plan, without starting Ray or loading a model."""
     job = prepare(spec, new_run=new_run)
     before = Tally.of(c.result for c in job.log.commits)
-    if _ray_address(spec):
-        fits = f"not checked before the run: the cluster at {redact(_ray_address(spec) or '')} is checked when the run connects"
+    local = check_fits_before_start(job)
+    if local is None:
+        fits = f"not checked before the run: the Ray at {redact(_ray_address(spec) or 'this process')} is checked when the run connects"
     else:
-        nodes, why = local_nodes(spec)
-        check_placement(_pools(job), nodes, f"the local Ray ({why})")
-        fits = f"every stage fits the local Ray ({nodes[0].cpus:g} CPUs, {nodes[0].gpus:g} GPUs: {why})"
+        node, why = local
+        fits = f"every stage fits the local Ray ({node.cpus:g} CPUs, {node.gpus:g} GPUs: {why})"
     redo = before.errors if retry_errors else 0
     return {
         "family": job.family.name,
@@ -421,13 +425,14 @@ def run_job(spec: JobSpec, *, new_run: bool = False, retry_errors: bool = False,
     check_fits_before_start(job)
     job = dataclasses.replace(job, skip={} if new_run else _skip_groups(job, retry_errors))
     job = dataclasses.replace(job, changes=_changes(job, job.skip, retry_errors))
+    done = job.log.done(retry_errors)  # the pairs this run skips (a sorted key set: built once, 10^7 keys take a second)
     if limit is not None:
-        job = _limited(job, limit, retry_errors)
+        job = _limited(job, limit, done)
     lease = acquire(spec.output, takeover=takeover)  # one writer per OUTPUT, before anything starts
     job = dataclasses.replace(job, sink=dataclasses.replace(job.sink, lease_owner=lease.owner))
     with Heartbeat(spec.output, lease) as heartbeat:
         # the bar starts at the pairs this run skips (--retry-errors makes the errors again)
-        progress = Progress(job.plan.expected_pairs, len(job.log.done(retry_errors)), interactive, on_state=on_progress)
+        progress = Progress(job.plan.expected_pairs, len(done), interactive, on_state=on_progress)
         connected_here = False
         try:
             progress.phase("starting Ray")
@@ -435,7 +440,7 @@ def run_job(spec: JobSpec, *, new_run: bool = False, retry_errors: bool = False,
             # a live bar apart; rich can move only this process's Python writes above it, so on a
             # terminal they go to Ray's log files only, and errors still reach genfleet as exceptions.
             connected_here = connect(spec, log_to_driver=not progress.interactive)
-            return _execute(job, new_run, retry_errors, started, progress, heartbeat, entry)
+            return _execute(job, done, new_run, retry_errors, started, progress, heartbeat, entry)
         finally:
             progress.close()
             if connected_here:
@@ -443,7 +448,7 @@ def run_job(spec: JobSpec, *, new_run: bool = False, retry_errors: bool = False,
                 disconnect()
 
 
-def _execute(job: Job, new_run: bool, retry_errors: bool, started: float, progress: Progress, heartbeat: Heartbeat,
+def _execute(job: Job, done: KeySet, new_run: bool, retry_errors: bool, started: float, progress: Progress, heartbeat: Heartbeat,
              entry: RunEntry) -> dict:
     spec = job.spec
     ctx = DataContext.get_current()
@@ -451,7 +456,6 @@ def _execute(job: Job, new_run: bool, retry_errors: bool, started: float, progre
     ctx.execution_options.preserve_order = True  # same manifest, same batches: the same bytes
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     check_fits(job)
-    done = job.log.done(retry_errors)
     stages = [name for g in _groups(job) for name, _, _ in g.stages]
     todo = max(job.plan.expected_pairs - len(done), 0)  # the pairs through the stages this run
     watcher = BoardWatcher(stages, todo, progress.stages)
@@ -482,7 +486,7 @@ def _execute(job: Job, new_run: bool, retry_errors: bool, started: float, progre
                                         model_fingerprint=job.fingerprint["model"], changes=job.changes), sink.entry, this_run)
         raise
     finally:
-        progress.close()
+        progress.close()  # (run_job closes it too, when the run ends before it gets here)
         write_report_after_run(spec.output)  # completed, incomplete, stopped or failed: after the summary
     result = sink.result
     assert result is not None
