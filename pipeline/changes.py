@@ -70,7 +70,7 @@ def changed_rows(manifest: Manifest, skip: dict[str, frozenset[int]], duplicates
     committed = CommittedContent.of(log, retry_errors)
     if not len(committed.keys):  # a first run, or a log of versions before content hashes
         return Changes()
-    id_columns = ["id", "num_samples"] if "num_samples" in manifest.schema.names else ["id"]
+    id_columns = manifest.key_columns
     columns = id_columns + [c for c in (*CONTENT_FIELDS, *manifest.input_columns) if c in manifest.schema.names and c not in id_columns]
     count, examples = 0, list[str]()
     for f in files:

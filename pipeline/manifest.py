@@ -28,6 +28,7 @@ from pipeline.storage import filesystem, redact
 READ_BATCH_ROWS = 1024
 ORDINAL = "__genfleet_ordinal"  # the runner's own column: a row's position in the manifest
 INTERNAL_PREFIX = "__genfleet"
+KEY_COLUMNS = ("id", "num_samples")  # a row's pair keys: its id and how many samples it asks for
 
 
 def _is_str(t):
@@ -101,6 +102,11 @@ class Manifest:
     def extra_columns(self) -> list[str]:
         """Columns neither the runner nor the family reads: carried to the outputs."""
         return [n for n in self.schema.names if n not in RUNNER_COLUMNS and n not in self.input_columns]
+
+    @property
+    def key_columns(self) -> list[str]:
+        """What a row's (id, sample) pair keys are made of: `id`, and `num_samples` where the manifest has it."""
+        return [c for c in KEY_COLUMNS if c in self.schema.names]
 
     def url_of(self, f: ManifestFile) -> str:
         return self.protocol_prefix + f.path

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.keys import id_hashes
-from pipeline.manifest import Manifest, ManifestError, ManifestFile, read_group_columns
+from pipeline.manifest import KEY_COLUMNS, Manifest, ManifestError, ManifestFile, read_group_columns
 from pipeline.storage import filesystem, join, redact, write_atomic
 
 MAX_SAMPLES_PER_ROW = 64
@@ -66,20 +66,17 @@ class Plan:
     new_files: tuple[FilePlan, ...] = ()  # read by this plan, not cached yet
 
 
-PLAN_COLUMNS = ("id", "num_samples")
-
-
 def _cache_name(manifest: Manifest, f: ManifestFile) -> str:
     """The file's identity; and, when the mapping moves id or num_samples, which columns were
     read as them: a plan of the file read through one mapping is not another's."""
-    own = [manifest.own_name(c) for c in PLAN_COLUMNS]
-    if own == list(PLAN_COLUMNS) or not f.identity:
+    own = [manifest.own_name(c) for c in KEY_COLUMNS]
+    if own == list(KEY_COLUMNS) or not f.identity:
         return f.identity
     return f"{f.identity}-{hashlib.blake2b(chr(31).join(own).encode(), digest_size=4).hexdigest()}"
 
 
 def _read_file(manifest: Manifest, f: ManifestFile) -> FilePlan:
-    cols = [c for c in PLAN_COLUMNS if c in manifest.schema.names]
+    cols = manifest.key_columns
     url = manifest.url_of(f)
     hashes, samples = [], []
     for _, t in read_group_columns(url, f, cols, manifest.columns):

@@ -131,16 +131,23 @@ def _read(output: str, paths: list[str]) -> list[tuple[str, ShardResult, pa.Tabl
     return out
 
 
+# an index that is absent or damaged: the records are read instead
+_NO_INDEX = (FileNotFoundError, OSError, KeyError, ValueError, pa.ArrowException)
+
+
+def _index_stats_of(f: pq.ParquetFile) -> dict[str, ShardResult]:
+    return {name: ShardResult.from_stats(s) for name, s in json.loads(f.schema_arrow.metadata[STATS_KEY]).items()}
+
+
 def _read_index(output: str) -> tuple[pa.Table, dict[str, ShardResult]]:
     fs, root = filesystem(output)
     try:
         f = pq.ParquetFile(io.BytesIO(fs.cat_file(join(root, INDEX_FILE))))
-        stats = json.loads(f.schema_arrow.metadata[STATS_KEY])
-        table = f.read()
+        stats, table = _index_stats_of(f), f.read()
         if "content" not in table.column_names:  # an index of a version before content hashes
             table = table.append_column("content", pa.nulls(table.num_rows, pa.uint64()))
-        return table.cast(LOG_SCHEMA), {name: ShardResult.from_stats(s) for name, s in stats.items()}
-    except (FileNotFoundError, OSError, KeyError, ValueError, pa.ArrowException):  # absent or damaged: read the records
+        return table.cast(LOG_SCHEMA), stats
+    except _NO_INDEX:
         return LOG_SCHEMA.empty_table(), {}
 
 
@@ -149,10 +156,16 @@ def _index_stats(output: str) -> dict[str, ShardResult]:
     fs, root = filesystem(output)
     try:
         with fs.open(join(root, INDEX_FILE), "rb") as fh:
-            stats = json.loads(pq.ParquetFile(fh).schema_arrow.metadata[STATS_KEY])
-        return {name: ShardResult.from_stats(s) for name, s in stats.items()}
-    except (FileNotFoundError, OSError, KeyError, ValueError, pa.ArrowException):
+            return _index_stats_of(pq.ParquetFile(fh))
+    except _NO_INDEX:
         return {}
+
+
+def _commits(listed: dict[str, str], indexed: dict[str, ShardResult], rest: list[tuple[str, ShardResult, pa.Table]]) -> list[Commit]:
+    """Each listed shard's commit: the index's stats for those it holds (not those gone since: a
+    --new-run wiped them), then the records written since."""
+    results = {**{name: r for name, r in indexed.items() if name in listed}, **{shard_of(p): r for p, r, _ in rest}}
+    return [Commit(name, results[name]) for name in sorted(results)]
 
 
 def read_counts(output: str) -> tuple[list[Commit], int]:
@@ -160,9 +173,7 @@ def read_counts(output: str) -> tuple[list[Commit], int]:
     are pending (not made since). The keys are read only when some shard holds a transient failure."""
     listed = {shard_of(p): p for p in list_commits(output)}
     indexed = _index_stats(output)
-    rest = _read(output, [p for name, p in listed.items() if name not in indexed])
-    results = {**{name: r for name, r in indexed.items() if name in listed}, **{shard_of(p): r for p, r, _ in rest}}
-    commits = [Commit(name, results[name]) for name in sorted(results)]
+    commits = _commits(listed, indexed, _read(output, [p for name, p in listed.items() if name not in indexed]))
     if not any(c.result.retryable for c in commits):
         return commits, 0
     return commits, len(read_log(output).retry)
@@ -177,8 +188,7 @@ def read_log(output: str) -> CommitLog:
     if len(in_index) < len(indexed_stats):  # shards the index holds that are gone (a --new-run wiped them)
         indexed = indexed.filter(pc.is_in(indexed.column("shard"), pa.array(in_index, pa.string())))
     rest = _read(output, [p for name, p in listed.items() if name not in indexed_stats])
-    results = {**{name: indexed_stats[name] for name in in_index}, **{shard_of(p): r for p, r, _ in rest}}
-    commits = [Commit(name, results[name]) for name in sorted(results)]
+    commits = _commits(listed, indexed_stats, rest)
     table = pa.concat_tables([indexed, *(t for _, _, t in rest)]).combine_chunks()
     key, status = table.column("key").to_numpy(), table.column("status")
 

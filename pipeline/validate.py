@@ -149,10 +149,9 @@ def end_of_first_pending(manifest: Manifest, skip: dict[str, frozenset[int]], du
     """--limit: the ordinal just past the first `limit` rows with work left, in manifest
     order (None: fewer rows than that have any). Reads the id columns of row groups with
     work left, and stops as soon as it has seen enough."""
-    cols = ["id", "num_samples"] if "num_samples" in manifest.schema.names else ["id"]
     seen = 0
     for f in manifest.files:
-        for table in read_file_rows(manifest.url_of(f), f, cols, skip_groups=skip.get(f.identity, frozenset()), mapping=manifest.columns):
+        for table in read_file_rows(manifest.url_of(f), f, manifest.key_columns, skip_groups=skip.get(f.identity, frozenset()), mapping=manifest.columns):
             pending = np.flatnonzero(pending_rows(table, duplicates, committed))
             if seen + len(pending) >= limit:
                 return int(table.column(ORDINAL)[int(pending[limit - seen - 1])].as_py()) + 1
