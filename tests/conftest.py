@@ -34,6 +34,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class FileServer:
+    """A directory served over HTTP on 127.0.0.1 (url files of a model, say); `gets` lists the paths GET asked for."""
+
+    def __init__(self, root: Path):
+        import functools
+        import threading
+        from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+        self.root, self.gets = root, []
+        gets = self.gets
+
+        class Handler(SimpleHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                gets.append(self.path)
+                super().do_GET()
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        if self.thread.is_alive():
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self.thread.join()
+
+
 class Hold:
     """Requests to the store that wait in the proxy, so that a test can act while a process is at a known point
     (kill it while it writes a commit record, say). Matching requests (method, a regex searched in the path),

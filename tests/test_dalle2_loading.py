@@ -20,6 +20,7 @@ from modeling.dalle2.load import ChecksumError, NotCachedError, Stack, resolve_f
 from modeling.dalle2.models import build_decoder, build_prior
 from modeling.dalle2.prior import DiffusionPriorNetwork
 from modeling.dalle2.tiny import DECODER, PRIOR, _randomize
+from tests.conftest import FileServer
 
 
 def _prior_sd(seed):
@@ -222,25 +223,11 @@ def test_local_file_missing(tmp_path):
 @pytest.fixture
 def served(tmp_path):
     """A directory served over HTTP on 127.0.0.1: (directory, base URL, the paths GET asked for)."""
-    import functools
-    import threading
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-
-    root, gets = tmp_path / "remote", []
+    root = tmp_path / "remote"
     root.mkdir()
-
-    class Handler(SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            gets.append(self.path)
-            super().do_GET()
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}", gets
-    server.shutdown()
+    server = FileServer(root)
+    yield root, server.url, server.gets
+    server.stop()
 
 
 HTML_404 = "<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head><body>Not Found</body></html>\n"
@@ -274,13 +261,18 @@ def test_a_file_that_is_its_own_checksum_still_verifies(served, tmp_path):
         resolve_file(f, tmp_path)
 
 
+def _served_weights(root, base: str, data: bytes) -> File:
+    """`data` served as w.bin beside its LFS pointer; the File entry that names them, cached in cache/."""
+    (root / "w.bin").write_bytes(data)
+    (root / "w.bin.lfs").write_text(_pointer(data))
+    return File(load_type="url", path=f"{base}/w.bin", checksum_file_path=f"{base}/w.bin.lfs", cache_dir="cache")
+
+
 @pytest.mark.parametrize("tamper", ["same size and mtime", "truncated"])
 def test_a_tampered_cached_file_is_verified_again_and_fetched_again(served, tmp_path, tamper):
     root, base, gets = served
     good = b"the real weights " * 100
-    (root / "w.bin").write_bytes(good)
-    (root / "w.bin.lfs").write_text(_pointer(good))
-    f = File(load_type="url", path=f"{base}/w.bin", checksum_file_path=f"{base}/w.bin.lfs", cache_dir="cache")
+    f = _served_weights(root, base, good)
     cached = resolve_file(f, tmp_path)
     assert cached.read_bytes() == good and gets.count("/w.bin") == 1
     assert resolve_file(f, tmp_path).read_bytes() == good and gets.count("/w.bin") == 1  # an intact cache is used
@@ -321,9 +313,7 @@ def test_an_unreachable_checksum_file_leaves_a_verified_cached_copy_in_use(serve
     """Offline after the fetch: the copy verified then, still intact, is used; a changed one is an error, not a load."""
     root, base, gets = served
     good = b"weights " * 50
-    (root / "w.bin").write_bytes(good)
-    (root / "w.bin.lfs").write_text(_pointer(good))
-    f = File(load_type="url", path=f"{base}/w.bin", checksum_file_path=f"{base}/w.bin.lfs", cache_dir="cache")
+    f = _served_weights(root, base, good)
     cached = resolve_file(f, tmp_path)
     (root / "w.bin.lfs").unlink()  # the checksum file is gone (a 404): the cached copy serves
     assert resolve_file(f, tmp_path).read_bytes() == good and gets.count("/w.bin") == 1

@@ -3,15 +3,12 @@ the stages read them only from the cache: a tiny stack served by a loopback HTTP
 sha256 files. A fetch that fails is one line naming the URL, before Ray; so is every family's bad
 model path."""
 
-import functools
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -24,7 +21,7 @@ from modeling.dalle2.tiny import CONFIG_NAME, write_tiny
 from pipeline.families.dalle2 import build_prepare
 from pipeline.family import StageContext
 from pipeline.spec import load_spec
-from tests.conftest import ROOT, TOY, free_port, write_manifest
+from tests.conftest import ROOT, TOY, FileServer, free_port, write_manifest
 
 SERVED = ("prior.pth", "prior_config.json", "decoder.pth")  # the tiny stack's files its config names
 # on CPU, the unets in the prior's actor: two actor pools start, not four
@@ -39,33 +36,6 @@ def tiny(tmp_path_factory) -> Path:
     return write_tiny(tmp_path_factory.mktemp("tiny")).parent
 
 
-class Server:
-    """A directory served over HTTP on 127.0.0.1; `gets` lists the paths GET asked for."""
-
-    def __init__(self, root: Path):
-        self.root, self.gets = root, []
-        gets = self.gets
-
-        class Handler(SimpleHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                gets.append(self.path)
-                super().do_GET()
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        if self.thread.is_alive():
-            self.httpd.shutdown()
-            self.httpd.server_close()
-            self.thread.join()
-
-
 @pytest.fixture
 def served(tiny, tmp_path):
     """The tiny stack's weights and configs on a loopback server, each beside its sha256 (as sha256sum prints it)."""
@@ -74,7 +44,7 @@ def served(tiny, tmp_path):
     for name in SERVED:
         shutil.copy(tiny / name, root / name)
         (root / f"{name}.sha256").write_text(f"{hashlib.sha256((root / name).read_bytes()).hexdigest()}  {name}\n")
-    server = Server(root)
+    server = FileServer(root)
     yield server
     server.stop()
 
