@@ -14,6 +14,10 @@ at the end. --compile: torch.compile the LLM layers' norms, RoPE and MLPs. --com
 timing, the relative L2 distance between the final latents of each mode and the first one
 (largest size, batch 2, <= 10 steps), beside the batched-vs-alone noise floor.
 --attention-micro: first, one layer's attention alone per mode (largest size and batch, CFG on).
+--profile: after the timings, torch.profiler over one CFG denoising forward at the largest size and
+batch (bench/profile_bagel_step.py). --reference PATH: then the reference's own inferencer
+(ByteDance-Seed/Bagel copied to PATH; its bench from --ref-tools, default .bagel-tools/) at the
+same sizes and steps, batch 1, in a subprocess on the same GPU, and the ratio (bench/bagel_ref.py).
 
 Each row of a batch has its own prompt and noise; sampler settings are the reference
 notebook's (t2i: cfg_text 4, cfg_img 1, interval [0.4, 1], global renorm, shift 3; edit:
@@ -24,6 +28,7 @@ denoising loop and the VAE decode (and VAE encode for edit) -- not image I/O.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from pathlib import Path
@@ -31,6 +36,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bagel_ref  # noqa: E402  (bench/, beside this file)
+from profile_bagel_step import profile_step  # noqa: E402
 
 from modeling.bagel import attn  # noqa: E402
 from modeling.bagel import sampling as S
@@ -196,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attention-micro", action="store_true",
                     help="first time one layer's attention alone for each --attention mode (largest size and batch)")
     ap.add_argument("--compare", action="store_true", help="print how far each --attention mode's latents are from the first's")
+    ap.add_argument("--profile", action="store_true", help="profile one CFG denoising forward (largest size and batch)")
+    ap.add_argument("--reference", default=None, metavar="PATH",
+                    help="then time the reference (ByteDance-Seed/Bagel's modeling/, data/, inferencer.py at PATH)")
+    ap.add_argument("--ref-tools", default=None, metavar="DIR",
+                    help="the reference bench (shared/tools/bagel-ref copied; default .bagel-tools/)")
     args = ap.parse_args(argv)
     device = args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = getattr(torch, args.dtype or ("float32" if args.tiny else "bfloat16"))
@@ -203,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = args.batch_sizes or ([1, 2] if args.tiny else [1, 4, 8])
     steps = args.steps or (4 if args.tiny else 50)
     vae_rule, vit_rule = (ResizeRule(64, 32, 16), ResizeRule(56, 28, 14)) if args.tiny else (VAE_RULE, VIT_RULE)
+    tools = bagel_ref.find_tools(args.ref_tools) if args.reference else None
 
     t0 = time.perf_counter()
     model, ae = build(args.tiny, device, dtype, getattr(torch, args.vae_dtype))
@@ -217,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         attention_micro(model.params, args.attention, max(sizes), max(batches), device, dtype)
     if args.compare:
         compare(model, args.attention, max(sizes), min(steps, 10))
+    ours: dict[tuple[int, int, str], float] = {}
     print("| task | size | batch | s/batch | s/image | images/hour | ms/step (batch) | peak GiB | attention |")
     print("|---|---|---|---|---|---|---|---|---|")
     for label in args.attention:
@@ -227,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.compile:  # compile (and recompile for this batch's shapes, CFG on and off) before timing
                     run_t2i(model, ae, size, b, 6, mode)
                 dt, peak = measure(lambda: run_t2i(model, ae, size, b, steps, mode), device)
+                ours[size, b, label] = dt / b
                 print(f"| t2i | {size}² | {b} | {dt:.2f} | {dt / b:.2f} | {3600 * b / dt:.0f} | {1000 * dt / (steps - 1):.0f} "
                       f"| {peak:.1f} | {label} |", flush=True)
         if not args.no_edit:
@@ -236,6 +253,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| edit | {size}² in | 1 | {dt:.2f} | {dt:.2f} | {3600 / dt:.0f} | {1000 * dt / (steps - 1):.0f} "
                   f"| {peak:.1f} | {label} |", flush=True)
     print(f"\n# attention kernels (self-checked against the math): {attn.kernels_checked() or 'none used (CPU: math)'}")
+    if args.profile:
+        size, b = max(sizes), max(batches)
+        profile_step(model, t2i_rows(model, size, b, 4, seed=7), SPECIAL, use(args.attention[-1]), S.denoise)
+        print(f"# measured above: {1000 * ours[size, b, args.attention[-1]] * b / (steps - 1):.0f} ms per step "
+              f"(whole loop incl. prefill and VAE decode, / {steps - 1})", flush=True)
+    if args.reference:
+        del model, ae  # the reference builds its own model: give it the GPU's memory
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        ref = bagel_ref.run_reference(Path(args.reference), tools, sizes, steps, args.tiny)
+        bagel_ref.print_comparison(ours, ref, steps)
+        if len(ref) < len(sizes):
+            print(f"# reference figures missing for sizes {sorted(set(sizes) - set(ref))}", flush=True)
+            return 1
     return 0
 
 
