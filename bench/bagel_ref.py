@@ -53,8 +53,8 @@ def run_reference(ref: Path, tools: Path, sizes: list[int], steps: int, tiny: bo
 
 def print_comparison(ours: dict[tuple[int, int, str], float], ref: dict[int, float], steps: int) -> None:
     """ours: {(size, batch, attention): s/image}; ref: {size: s/image} at batch 1."""
-    print(f"\n| size | genfleet batch | attention | genfleet s/image | genfleet images/h | reference s/image (batch 1) "
-          f"| reference images/h | ratio (images/h genfleet / reference) |")
+    print("\n| size | genfleet batch | attention | genfleet s/image | genfleet images/h | reference s/image (batch 1) "
+          "| reference images/h | ratio (images/h genfleet / reference) |")
     print("|---|---|---|---|---|---|---|---|")
     for (size, batch, label), s in sorted(ours.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
         r = ref.get(size)
