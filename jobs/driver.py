@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import signal
 import tempfile
@@ -29,7 +28,7 @@ from ray.data import ActorPoolStrategy, DataContext
 from jobs.nodes import check_cluster
 from jobs.progress import BoardReporter, BoardWatcher
 from jobs.ray_io import ManifestDatasource, OutputDatasink, RunRecord
-from jobs.resources import Node, Pool, check_placement, cluster_nodes, local_nodes
+from jobs.resources import TASK_CPUS, Node, Pool, check_placement, cluster_nodes, local_nodes
 from jobs.writer import ShardWriter
 from pipeline.card import write_card
 from pipeline.changes import Changes, changed_rows
@@ -48,7 +47,6 @@ from pipeline.policy import FetchPolicy
 from pipeline.report import Tally, finish_run, summary
 from pipeline.report_html import write_report_after_run
 from pipeline.resume import CommitLog, check_output, write_index
-from pipeline.rows import MAX_PACK
 from pipeline.runs import RunEntry, start_entry
 from pipeline.sample import RowError
 from pipeline.scoring import STAGE as SCORE_STAGE
@@ -153,6 +151,8 @@ def reap_orphaned_ray() -> list[int]:
         record.unlink(missing_ok=True)
     return killed
 
+IDLE_WORKER_KEEP_MS = 10 * 60 * 1000
+
 
 def _record_local_ray() -> None:
     """Remember this driver's process group: Ray's processes inherit it."""
@@ -177,6 +177,10 @@ def connect(spec: JobSpec, log_to_driver: bool = True) -> bool:
         num_gpus=spec.ray.num_gpus,  # type: ignore[arg-type]  # Ray accepts fractions of declared GPUs
         include_dashboard=False,
         logging_level=logging.WARNING,
+        # Ray stops a worker left idle for a second once more are idle than there are CPUs; the
+        # job's many small CPU tasks (validation, encoding, writes) would start and stop a
+        # worker, each a second or two of imports, dozens of times a run: keep them for the run
+        _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS},
         # workers import jobs/pipeline/modeling (and test families) like the driver does
         runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}},
         log_to_driver=log_to_driver,
@@ -318,40 +322,30 @@ def _pool(replicas) -> ActorPoolStrategy:
     return ActorPoolStrategy(min_size=replicas[0], max_size=replicas[1])
 
 
-def pack_size(job: Job) -> int:
-    """Samples per block row after the last model stage (the score stage, if any; pipeline/rows.py):
-    dividing its batch size (its batches become whole packs) and the shard size (the writer counts rows)."""
-    last = job.score if job.score is not None else job.groups[-1]
-    return math.gcd(MAX_PACK, job.spec.output_options.rows_per_shard, last.batch_size)
-
-
 def build_dataset(job: Job, done, report: BoardReporter | None = None):
     """`report`: where the model stages count their samples (jobs/progress.py), or nowhere."""
     spec = job.spec
-    pack = pack_size(job)
     ds = ray.data.read_datasource(ManifestDatasource(job.manifest, job.skip))
     expand = ExpandConfig(family=spec.family, job_seed=spec.seed, sampler=spec.sampler, max_prompt_chars=spec.max_prompt_chars,
                           duplicates=job.plan.duplicates, committed=done, extras=job.extras, end_ordinal=job.end_ordinal)
     # whole blocks, as the validation actor of earlier versions took them: the same blocks downstream
-    ds = ds.map_batches(expand_block, fn_kwargs={"config": expand}, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
+    ds = ds.map_batches(expand_block, fn_kwargs={"config": expand}, batch_format="pyarrow", batch_size=None, num_cpus=TASK_CPUS)
     if any(t.inputs for t in job.family.tasks.values()):
         i = spec.inputs
         policy = FetchPolicy.for_manifest(spec.manifest.path, allow_local=i.allow_local, allow_urls=i.allow_urls,
                                           max_bytes=i.max_bytes, max_pixels=i.max_pixels)
-        ds = ds.map_batches(fetch_block, fn_kwargs={"policy": policy}, batch_format="pyarrow", num_cpus=0.25)
-    for n, g in enumerate(job.groups):
-        last = n == len(job.groups) - 1 and job.score is None
+        ds = ds.map_batches(fetch_block, fn_kwargs={"policy": policy}, batch_format="pyarrow", num_cpus=TASK_CPUS)
+    for g in job.groups:
         ds = ds.map_batches(StageGroup, fn_constructor_kwargs={"family": spec.family, "stages": g.stages, "attempts": spec.errors.attempts,
-                                                               "pack": pack if last else 0, "report": report},
+                                                               "report": report},
                             batch_size=g.batch_size, batch_format="pyarrow", compute=_pool(g.cfg.replicas),
                             num_gpus=g.num_gpus or None, num_cpus=g.num_cpus)
     if (sc := job.score) is not None:  # scores on the decoded pixels, before encoding (pipeline/scoring.py)
-        ds = ds.map_batches(ScoreStage, fn_constructor_kwargs={"ctx": sc.stages[0][1], "attempts": spec.errors.attempts, "pack": pack,
-                                                                "report": report},
+        ds = ds.map_batches(ScoreStage, fn_constructor_kwargs={"ctx": sc.stages[0][1], "attempts": spec.errors.attempts, "report": report},
                             batch_size=sc.batch_size, batch_format="pyarrow", compute=_pool(sc.cfg.replicas),
                             num_gpus=sc.num_gpus or None, num_cpus=sc.num_cpus)
     return ds.map_batches(encode_block, fn_kwargs={"image_format": spec.output_options.image_format, "quality": spec.output_options.quality},
-                          batch_format="pyarrow", num_cpus=0.5)
+                          batch_format="pyarrow", num_cpus=TASK_CPUS)
 
 
 def _limited(job: Job, limit: int, done: KeySet) -> Job:
@@ -472,8 +466,7 @@ def _execute(job: Job, done: KeySet, new_run: bool, retry_errors: bool, started:
         progress.committed(sink.before.pairs + this_run.pairs, sink.before.errors + this_run.errors + this_run.retryable)
         return str(heartbeat.lost) if heartbeat.lost else guard.check()
 
-    # the writer counts block rows: packs of samples
-    writer = ShardWriter(sink, rows_per_shard=spec.output_options.rows_per_shard // pack_size(job),
+    writer = ShardWriter(sink, rows_per_shard=spec.output_options.rows_per_shard,
                          max_shard_seconds=spec.output_options.max_shard_seconds, on_result=on_result)
     try:
         with watcher:

@@ -18,6 +18,7 @@ from ray.data.datasource import Datasink, Datasource, ReadTask, WriteResult
 
 from pipeline.card import write_card
 from pipeline.changes import Changes
+from pipeline.gcpause import gc_paused
 from pipeline.manifest import Manifest, ManifestFile, read_file_rows
 from pipeline.plan import Plan, save_cache
 from pipeline.report import Tally, finish_run, summary
@@ -112,8 +113,9 @@ class OutputDatasink(Datasink[ShardResult | None]):
             save_cache(self.cfg.output, r.plan)
 
     def write(self, blocks, ctx) -> ShardResult | None:
-        rows = [s for block in blocks for s in from_block(pa.table(block) if isinstance(block, dict) else block)]
-        return write_shard(rows, self.cfg)
+        with gc_paused():
+            rows = [s for block in blocks for s in from_block(pa.table(block) if isinstance(block, dict) else block)]
+            return write_shard(rows, self.cfg)
 
     def on_write_complete(self, write_result: WriteResult[ShardResult | None]) -> None:
         assert self.run is not None, "on_write_complete runs on the driver"

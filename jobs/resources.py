@@ -19,8 +19,11 @@ from pipeline.spec import JobSpec, SpecError
 
 log = logging.getLogger("genfleet")
 
-# CPU the actors must leave for the plain tasks (reading with validation, encoding) to run at all
-TASK_CPUS = 0.75
+# CPU each plain task (reading with validation, fetching, encoding, writing) asks for, and so what the
+# actors must leave for them to run at all. A whole CPU: Ray starts a worker process for each task
+# running at once, and fractions let a 2-core machine run a dozen at once (each worker a second or
+# two of imports to start), for no more work done
+TASK_CPUS = 1.0
 
 
 @dataclass(frozen=True)

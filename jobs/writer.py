@@ -21,6 +21,7 @@ from ray.data import Dataset
 from ray.data.datasource import WriteResult
 
 from jobs.ray_io import OutputDatasink
+from jobs.resources import TASK_CPUS
 from pipeline.outcome import JobStopped
 from pipeline.sink import ShardResult
 
@@ -42,7 +43,7 @@ class ShardWriter:
         self.sink, self.rows_per_shard, self.max_age = sink, rows_per_shard, max_shard_seconds
         self.on_result = on_result
         self.results: list[ShardResult] = []
-        self._task = ray.remote(_write).options(num_cpus=0.25, max_retries=3, retry_exceptions=[OSError, ConnectionError, TimeoutError])
+        self._task = ray.remote(_write).options(num_cpus=TASK_CPUS, max_retries=3, retry_exceptions=[OSError, ConnectionError, TimeoutError])
         self._sink_ref: ray.ObjectRef | None = None
         self._lock = threading.Lock()
         self._refs: list = []  # blocks waiting for their shard

@@ -94,14 +94,13 @@ def build_clip(ctx: StageContext) -> StageFn:
 class ScoreStage:
     """The batch function of the score actor pool (Ray-free: jobs/driver.py places it)."""
 
-    def __init__(self, ctx: StageContext, attempts: int = 3, pack: int = 0, report: Report | None = None):
+    def __init__(self, ctx: StageContext, attempts: int = 3, report: Report | None = None):
         """`report`: where this replica says how far it is (pipeline/progress.py), or nowhere."""
         self.report = report
         self.runner = loaded(STAGE, partial(StageRunner, "", STAGE, ctx, attempts=attempts, build=build_clip), report)
-        self.pack = pack  # the last model stage packs its output (pipeline/rows.py)
 
     def __call__(self, block: pa.Table) -> pa.Table:
-        return map_samples(block, self.run, self.pack)
+        return map_samples(block, self.run)
 
     def run(self, samples: list[Sample]) -> None:
         run_reported(self.runner, samples, self.report)

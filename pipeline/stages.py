@@ -99,16 +99,15 @@ class StageGroup:
     sharing the actor (and its GPUs), run in order.
     stages: (name, context, keep_inputs: a later stage still reads Sample.inputs)."""
 
-    def __init__(self, family: str, stages: list[tuple[str, StageContext, bool]], attempts: int = 3, pack: int = 0,
+    def __init__(self, family: str, stages: list[tuple[str, StageContext, bool]], attempts: int = 3,
                  report: Report | None = None):
         """`report`: where this replica says how far it is (pipeline/progress.py), or nowhere."""
         self.report = report
         self.runners = [loaded(name, partial(StageRunner, family, name, ctx, keep_inputs=keep, attempts=attempts), report)
                         for name, ctx, keep in stages]
-        self.pack = pack  # the last group packs its output for the steps after the models (0: keep the packing)
 
     def __call__(self, block: pa.Table) -> pa.Table:
-        return map_samples(block, self.run, self.pack)
+        return map_samples(block, self.run)
 
     def run(self, samples: list[Sample]) -> None:
         for runner in self.runners:

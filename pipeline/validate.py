@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 
 from pipeline.families import get_family
 from pipeline.family import parse_params
+from pipeline.gcpause import gc_paused
 from pipeline.keys import KeySet, content_hashes, pair_hashes
 from pipeline.manifest import ORDINAL, Manifest, ManifestError, read_file_rows
 from pipeline.plan import MAX_SAMPLES_PER_ROW, sample_counts, samples_of
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 MAX_SIDE = 8192
 MAX_SEED = 2**63 - 1
+MAX_PARSED_PARAMS = 10_000  # distinct params texts kept parsed per worker
 
 
 def sample_seed(seed: int, row_id: str, sample_index: int) -> int:
@@ -170,7 +172,8 @@ def expand_block(table: pa.Table, *, config: ExpandConfig) -> pa.Table:
         _EXPANDERS.clear()  # a worker serves one job at a time: drop the last one's key set
         settings = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "token"}  # Expand's arguments
         expand = _EXPANDERS[config.token] = Expand(**settings)
-    return expand(table)
+    with gc_paused():
+        return expand(table)
 
 
 class Expand:
@@ -182,6 +185,7 @@ class Expand:
         self.max_prompt_chars, self.duplicates, self.committed = max_prompt_chars, duplicates, committed
         self.extras = extras  # manifest column -> output column name
         self.end_ordinal = end_ordinal
+        self._parsed: dict[tuple[str, str | None], Any] = {}
         self.input_columns = sorted({inp.name for spec in self.family.tasks.values() for inp in spec.inputs})
 
     def check(self, m: dict) -> dict:
@@ -214,12 +218,24 @@ class Expand:
                 raise RowError("missing_input", f"task {task!r} needs {inp.name!r}")
             if not empty:
                 inputs[inp.name] = list(value or []) if inp.many else value
-        try:
-            params = parse_params(spec.params, {**self.sampler.get(task, {}), **_params(m.get("params"))})
-        except RecursionError:
-            raise RowError("bad_params", "params are nested too deeply") from None
+        params = self._params(task, spec, m.get("params"))
         return {"task": task, "prompt": prompt, "negative_prompt": m.get("negative_prompt"), "width": width, "height": height,
                 "seed": self.job_seed if seed is None else seed, "params": params, "inputs": inputs, "num_samples": n}
+
+    def _params(self, task: str, spec, raw: Any):
+        """The row's sampler params; rows with the same params text share one (immutable) instance."""
+        key = (task, raw) if raw is None or isinstance(raw, str) else None
+        if key is not None and key in self._parsed:
+            return self._parsed[key]
+        try:
+            params = parse_params(spec.params, {**self.sampler.get(task, {}), **_params(raw)})
+        except RecursionError:
+            raise RowError("bad_params", "params are nested too deeply") from None
+        if key is not None:
+            if len(self._parsed) >= MAX_PARSED_PARAMS:
+                self._parsed.clear()
+            self._parsed[key] = params
+        return params
 
     def pending(self, table: pa.Table) -> list[tuple[list[int], bool]]:
         """Per row, the sample indices not committed yet, and whether its error record is committed."""

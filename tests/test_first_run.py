@@ -120,7 +120,7 @@ def test_placement_is_per_node_not_the_cluster_sum():
     # the largest first: a 1-GPU pool does not take the node a 2-GPU pool needs
     assert sharing_problems([Pool("vae", 1, 1, 1), Pool("lmm", 2, 1, 1)], [Node("a", 8, 1), Node("b", 8, 2)]) == []
     assert sharing_problems([Pool("prep", 0, 4, 2)], [Node("a", 8, 0)]) == [
-        "reading and encoding (the actors take every CPU; they need 0.75 more)"]
+        "reading and encoding (the actors take every CPU; they need 1 more)"]
 
 
 def test_an_output_refuses_another_manifest_but_not_the_same_files_moved(ray_cluster, tmp_path):
