@@ -23,7 +23,7 @@ from pipeline.manifest import Manifest, ManifestFile, read_file_rows
 from pipeline.plan import Plan, save_cache
 from pipeline.report import Tally, finish_run, summary
 from pipeline.resume import CommitLog, begin_run, read_log, write_index
-from pipeline.rows import from_block
+from pipeline.rows import concat_blocks
 from pipeline.runs import RunEntry, write_run
 from pipeline.sink import ShardResult, SinkConfig, write_shard
 
@@ -114,8 +114,7 @@ class OutputDatasink(Datasink[ShardResult | None]):
 
     def write(self, blocks, ctx) -> ShardResult | None:
         with gc_paused():
-            rows = [s for block in blocks for s in from_block(pa.table(block) if isinstance(block, dict) else block)]
-            return write_shard(rows, self.cfg)
+            return write_shard(concat_blocks(pa.table(b) if isinstance(b, dict) else b for b in blocks), self.cfg)
 
     def on_write_complete(self, write_result: WriteResult[ShardResult | None]) -> None:
         assert self.run is not None, "on_write_complete runs on the driver"

@@ -17,7 +17,7 @@ Measured with a trivial stage (bench/bench_scale.py), moving samples as packs of
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pyarrow as pa
@@ -120,6 +120,11 @@ def from_block(block: pa.Table | dict) -> list[Sample]:
         s.stage_seconds = dict(seconds)
         samples.append(s)
     return samples
+
+
+def concat_blocks(blocks: Iterable[pa.Table]) -> pa.Table:
+    """Blocks as one table of samples (empty blocks Ray hands on without columns left out)."""
+    return pa.concat_tables([SCHEMA.empty_table(), *(b for b in blocks if "id" in b.column_names)])
 
 
 def map_samples(block: pa.Table, step: Callable[[list[Sample]], None]) -> pa.Table:

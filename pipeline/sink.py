@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
 import re
 import tarfile
 import time
@@ -22,9 +23,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.keys import pair_hashes, shard_name
+from pipeline.rows import from_block
 from pipeline.sample import Sample
 from pipeline.score_stats import BOUNDS, stats_of
 from pipeline.storage import filesystem, join, write_atomic
@@ -85,12 +88,6 @@ class ShardResult:
         return cls(**{k: stats.get(k, {} if k.endswith(("_kind", "_seconds", "_rows", "_stats")) else 0) for k in fields})
 
 
-def status_of(s: Sample) -> str:
-    if s.failure is None:
-        return "ok"
-    return "retry" if s.failure.retryable else "error"
-
-
 def sample_key(row_id: str, sample_index: int) -> str:
     """A webdataset key: no dots or slashes (webdataset splits on them), bounded length."""
     safe = re.sub(r"[^A-Za-z0-9_-]", "_", row_id)
@@ -107,49 +104,80 @@ def _parquet_bytes(table: pa.Table, metadata: dict | None = None) -> bytes:
     return buf.getvalue()
 
 
-def _keys(rows: list[Sample]) -> dict[str, pa.Array]:
+class Rows:
+    """A shard's samples as the block columns they travel in (pipeline/rows.py), with each
+    row's pickled fields restored once (only extras, embeddings and scores are read here)."""
+
+    def __init__(self, table: pa.Table, rest: list[dict] | None = None, params: dict[bytes, str] | None = None):
+        self.table = table
+        self.rest = rest if rest is not None else [{} if b is None else pickle.loads(b) for b in table.column("rest").to_pylist()]
+        self._sampler = params if params is not None else {}
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def subset(self, mask: np.ndarray) -> Rows:
+        index = np.flatnonzero(mask)
+        return Rows(self.table.take(pa.array(index, pa.int64())), [self.rest[i] for i in index], self._sampler)
+
+    def column(self, name: str, type_: pa.DataType | None = None) -> pa.Array:
+        col = self.table.column(name).combine_chunks()
+        return col if type_ is None else col.cast(type_)
+
+    def field(self, name: str) -> list:
+        """One of the pickled fields, per row ({} where unset)."""
+        return [r.get(name) or {} for r in self.rest]
+
+    def samplers(self) -> pa.Array:
+        """The sampler settings each sample was made with, as JSON (once per distinct params)."""
+        out = []
+        for blob in self.table.column("params").to_pylist():
+            text = self._sampler.get(blob) if blob is not None else "{}"
+            if text is None:
+                text = self._sampler[blob] = json.dumps(pickle.loads(blob).model_dump(mode="json"), sort_keys=True)
+            out.append(text)
+        return pa.array(out, pa.string())
+
+
+def _keys(rows: Rows) -> dict[str, pa.Array]:
     """The (id, sample_index) key columns every table of a shard starts with."""
-    return {"id": pa.array([r.id for r in rows], pa.string()),
-            "sample_index": pa.array([r.sample_index for r in rows], pa.int64())}
+    return {"id": rows.column("id", pa.string()), "sample_index": rows.column("sample_index", pa.int64())}
 
 
-def _sampler(s: Sample) -> str:
-    return json.dumps(s.params.model_dump(mode="json") if s.params is not None else {}, sort_keys=True)
-
-
-def _model_columns(rows: list[Sample], cfg: SinkConfig) -> dict[str, pa.Array]:
+def _model_columns(rows: Rows, cfg: SinkConfig) -> dict[str, pa.Array]:
     """Which model made a sample, and with which sampler settings."""
     return {"family": pa.array([cfg.family] * len(rows), pa.string()),
             "model": pa.array([cfg.model] * len(rows), pa.string()),
-            "sampler": pa.array([_sampler(r) for r in rows], pa.string())}
+            "sampler": rows.samplers()}
 
 
-def _extras(rows: list[Sample], schema: pa.Schema) -> dict[str, pa.Array]:
-    return {f.name: pa.array([r.extras.get(f.name) for r in rows], f.type) for f in schema}
+def _extras(rows: Rows, schema: pa.Schema) -> dict[str, pa.Array]:
+    extras = rows.field("extras")
+    return {f.name: pa.array([e.get(f.name) for e in extras], f.type) for f in schema}
 
 
-def _image_table(rows: list[Sample], cfg: SinkConfig) -> pa.Table:
-    sizes = [r.outputs.image_size or (None, None) for r in rows]
+def _image_table(rows: Rows, cfg: SinkConfig) -> pa.Table:
+    scores = rows.field("scores")
     return pa.table({
         **_keys(rows),
-        "image": image_array([r.outputs.image for r in rows]),
+        "image": image_array(rows.column("image", pa.binary())),
         "format": pa.array([cfg.image_format] * len(rows), pa.string()),
-        "width": pa.array([w for w, _ in sizes], pa.int32()),
-        "height": pa.array([h for _, h in sizes], pa.int32()),
-        "seed": pa.array([r.seed for r in rows], pa.int64()),
-        "sample_seed": pa.array([r.sample_seed for r in rows], pa.int64()),
-        "task": pa.array([r.task for r in rows], pa.string()),
-        "prompt": pa.array([r.prompt for r in rows], pa.string()),
-        "negative_prompt": pa.array([r.negative_prompt for r in rows], pa.string()),
+        "width": rows.column("image_width", pa.int32()),
+        "height": rows.column("image_height", pa.int32()),
+        "seed": rows.column("seed", pa.int64()),
+        "sample_seed": rows.column("sample_seed", pa.int64()),
+        "task": rows.column("task", pa.string()),
+        "prompt": rows.column("prompt", pa.string()),
+        "negative_prompt": rows.column("negative_prompt", pa.string()),
         **_model_columns(rows, cfg),
-        **{name: pa.array([r.outputs.scores.get(name) for r in rows], _SCORE_TYPES[kind]) for name, kind in cfg.scores.items()},
+        **{name: pa.array([sc.get(name) for sc in scores], _SCORE_TYPES[kind]) for name, kind in cfg.scores.items()},
         **_extras(rows, cfg.extra_schema),
     })
 
 
-def image_array(images: list[bytes | None]) -> pa.StructArray:
+def image_array(images: list[bytes | None] | pa.Array) -> pa.StructArray:
     """Encoded images as the images table's `image` column (IMAGE_TYPE)."""
-    data = pa.array(images, pa.binary())
+    data = images if isinstance(images, pa.Array) else pa.array(images, pa.binary())
     return pa.StructArray.from_arrays([data, pa.nulls(len(images), pa.string())], fields=list(IMAGE_TYPE), mask=data.is_null())
 
 
@@ -159,14 +187,15 @@ def image_bytes(value: dict | bytes | None) -> bytes | None:
     return value.get("bytes") if isinstance(value, dict) else value
 
 
-def _embedding_table(rows: list[Sample]) -> pa.Table:
+def _embedding_table(rows: Rows) -> pa.Table:
     """A 1-D embedding is a fixed-size float list (its size is the model's, so every shard
     agrees); an N-D one (e.g. a latent whose shape follows the image size) is flattened
     into a float list with its shape beside it in `<name>_shape`."""
-    names = sorted({n for r in rows for n in r.outputs.embeddings})
+    embeddings = rows.field("embeddings")
+    names = sorted({n for e in embeddings for n in e})
     cols = _keys(rows)
     for n in names:
-        vals = [None if r.outputs.embeddings.get(n) is None else np.asarray(r.outputs.embeddings[n], np.float32) for r in rows]
+        vals = [None if e.get(n) is None else np.asarray(e[n], np.float32) for e in embeddings]
         present = [v for v in vals if v is not None]
         if all(v.ndim == 1 for v in present):
             sizes = {v.size for v in present}
@@ -181,29 +210,29 @@ def _embedding_table(rows: list[Sample]) -> pa.Table:
     return pa.table(cols)
 
 
-def _text_table(rows: list[Sample], cfg: SinkConfig) -> pa.Table:
+def _text_table(rows: Rows, cfg: SinkConfig) -> pa.Table:
     return pa.table({
         **_keys(rows),
-        "task": pa.array([r.task for r in rows], pa.string()),
-        "prompt": pa.array([r.prompt for r in rows], pa.string()),
-        "text": pa.array([r.outputs.text for r in rows], pa.string()),
+        "task": rows.column("task", pa.string()),
+        "prompt": rows.column("prompt", pa.string()),
+        "text": rows.column("text", pa.string()),
         **_model_columns(rows, cfg),
         **_extras(rows, cfg.extra_schema),
     })
 
 
-def _error_table(rows: list[Sample]) -> pa.Table:
-    failures = [r.failure for r in rows if r.failure is not None]
+def _error_table(rows: Rows) -> pa.Table:
     return pa.table({
         **_keys(rows),
-        "task": pa.array([r.task for r in rows], pa.string()),
-        "stage": pa.array([f.stage for f in failures], pa.string()),
-        "kind": pa.array([f.kind for f in failures], pa.string()),
-        "message": pa.array([f.message for f in failures], pa.string()),
+        "task": rows.column("task", pa.string()),
+        "stage": rows.column("failure_stage", pa.string()),
+        "kind": rows.column("failure_kind", pa.string()),
+        "message": rows.column("failure_message", pa.string()),
     })
 
 
 def _webdataset_tar(rows: list[Sample], cfg: SinkConfig) -> bytes:
+    """(Per sample by nature: a tar member at a time.)"""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         def add(name: str, data: bytes) -> None:
@@ -218,7 +247,7 @@ def _webdataset_tar(rows: list[Sample], cfg: SinkConfig) -> bytes:
             w, h = r.outputs.image_size or (None, None)
             meta = {**r.extras, "id": r.id, "sample_index": r.sample_index, "task": r.task, "prompt": r.prompt,
                     "seed": r.seed, "sample_seed": r.sample_seed, "width": w, "height": h, "family": cfg.family,
-                    "model": cfg.model, "sampler": json.loads(_sampler(r)),
+                    "model": cfg.model, "sampler": r.params.model_dump(mode="json") if r.params is not None else {},
                     **{n: None for n in cfg.scores if n in BOUNDS}, **r.outputs.scores}  # a job score unset: null, as in images/
             add(f"{key}.{_IMAGE_MIME_EXT[cfg.image_format]}", r.outputs.image or b"")
             add(f"{key}.json", json.dumps(meta, sort_keys=True, default=str).encode())
@@ -229,36 +258,36 @@ def _webdataset_tar(rows: list[Sample], cfg: SinkConfig) -> bytes:
     return buf.getvalue()
 
 
-def _result(name: str, rows: list[Sample]) -> ShardResult:
-    seconds: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    by_kind: dict[str, dict[str, int]] = {"error": {}, "retry": {}}
-    for r in rows:
-        for stage, s in r.stage_seconds.items():
-            seconds[stage] = seconds.get(stage, 0.0) + s
-            counts[stage] = counts.get(stage, 0) + 1
-        if r.failure is not None:
-            kinds = by_kind[status_of(r)]
-            kinds[r.failure.kind] = kinds.get(r.failure.kind, 0) + 1
-    status = [status_of(r) for r in rows]
-    scored = {score: [v for r, st in zip(rows, status) if st == "ok" and (v := r.outputs.scores.get(score)) is not None]
-              for score in BOUNDS}
+def _counts(values: pa.Array) -> dict[str, int]:
+    return {} if len(values) == 0 else {v["values"]: v["counts"] for v in pc.value_counts(values).to_pylist()}
+
+
+def _result(name: str, rows: Rows, status: np.ndarray) -> ShardResult:
+    # (stage, seconds) of every sample (a map column's own keys/items would ignore a slice's offset)
+    flat = pc.list_flatten(rows.column("stage_seconds", pa.list_(pa.struct([("key", pa.string()), ("value", pa.float64())]))))
+    per_stage = pa.table({"stage": flat.field("key"), "s": flat.field("value")}).group_by("stage").aggregate([("s", "sum"), ("s", "count")])
+    kinds = rows.column("failure_kind")
+    ok = status == "ok"
+    scores = rows.field("scores")
+    scored = {score: [v for sc, good in zip(scores, ok) if good and (v := sc.get(score)) is not None] for score in BOUNDS}
     return ShardResult(
         shard=name, rows=len(rows),
-        pairs=sum(r.covers for r, st in zip(rows, status) if st != "retry"),
-        images=sum(1 for r, st in zip(rows, status) if st == "ok" and r.outputs.image is not None),
-        texts=sum(1 for r, st in zip(rows, status) if st == "ok" and r.outputs.text is not None),
-        errors=status.count("error"), retryable=status.count("retry"),
-        errors_by_kind=by_kind["error"], retryable_by_kind=by_kind["retry"], stage_seconds=seconds, stage_rows=counts, committed_at=time.time(),
+        pairs=int(rows.column("covers").to_numpy()[status != "retry"].sum()),
+        images=int((ok & rows.column("image").is_valid().to_numpy(zero_copy_only=False)).sum()),
+        texts=int((ok & rows.column("text").is_valid().to_numpy(zero_copy_only=False)).sum()),
+        errors=int((status == "error").sum()), retryable=int((status == "retry").sum()),
+        errors_by_kind=_counts(kinds.filter(pa.array(status == "error"))), retryable_by_kind=_counts(kinds.filter(pa.array(status == "retry"))),
+        stage_seconds=dict(zip(per_stage.column("stage").to_pylist(), per_stage.column("s_sum").to_pylist())),
+        stage_rows=dict(zip(per_stage.column("stage").to_pylist(), per_stage.column("s_count").to_pylist())), committed_at=time.time(),
         score_stats={score: stats_of(score, values) for score, values in scored.items() if values})
 
 
-def _placement(rows: list[Sample], files: tuple[tuple[str, int], ...]) -> dict[str, pa.Array]:
+def _placement(rows: Rows, files: tuple[tuple[str, int], ...]) -> dict[str, pa.Array]:
     """Which manifest file (its identity) and row each pair came from: a resumed run skips
     the row groups whose pairs are all done without reading them."""
     if not files:
         return {"file": pa.nulls(len(rows), pa.string()), "row": pa.nulls(len(rows), pa.int64())}
-    ordinals = np.array([r.ordinal for r in rows], np.int64)
+    ordinals = rows.column("ordinal").to_numpy()
     known = ordinals >= 0
     starts = np.array([first for _, first in files], np.int64)
     which = np.clip(np.searchsorted(starts, ordinals, side="right") - 1, 0, len(files) - 1)
@@ -266,41 +295,48 @@ def _placement(rows: list[Sample], files: tuple[tuple[str, int], ...]) -> dict[s
     return {"file": pa.array(names, pa.string(), mask=~known), "row": pa.array(ordinals - starts[which], pa.int64(), mask=~known)}
 
 
-def write_shard(rows: list[Sample], cfg: SinkConfig) -> ShardResult | None:
-    """Write one shard and, last, its commit record."""
-    if not rows:
+def _status(rows: Rows) -> np.ndarray:
+    """ok, error (permanent) or retry (transient), per row."""
+    failed = rows.column("failure_kind").is_valid().to_numpy(zero_copy_only=False)
+    retry = pc.fill_null(rows.column("failure_retryable"), False).to_numpy(zero_copy_only=False)
+    return np.where(failed, np.where(retry, "retry", "error"), "ok")
+
+
+def write_shard(block: pa.Table, cfg: SinkConfig) -> ShardResult | None:
+    """Write one shard (a block of samples, pipeline/rows.py) and, last, its commit record."""
+    if block.num_rows == 0:
         return None
     fs, root = filesystem(cfg.output)
-    name = shard_name(r.key for r in rows)
-    status = {r.key: status_of(r) for r in rows}
-    ok = [r for r in rows if status[r.key] == "ok"]
-    images = [r for r in ok if r.outputs.image is not None]
-    texts = [r for r in ok if r.outputs.text is not None]
-    embedded = [r for r in ok if r.outputs.embeddings]
-    errors = [r for r in rows if status[r.key] == "error"]
-    retries = [r for r in rows if status[r.key] == "retry"]
+    rows = Rows(block)
+    keys = _keys(rows)
+    name = shard_name(zip(keys["id"].to_pylist(), keys["sample_index"].to_pylist()))
+    status = _status(rows)
+    ok = status == "ok"
+    images = rows.subset(ok & rows.column("image").is_valid().to_numpy(zero_copy_only=False))
+    texts = rows.subset(ok & rows.column("text").is_valid().to_numpy(zero_copy_only=False))
+    embedded = rows.subset(ok & np.array([bool(e) for e in rows.field("embeddings")], bool))
+    errors, retries = rows.subset(status == "error"), rows.subset(status == "retry")
     files = {
         "images": (images, lambda: _parquet_bytes(_image_table(images, cfg), HF_FEATURES), "parquet"),
         "embeddings": (embedded, lambda: _parquet_bytes(_embedding_table(embedded)), "parquet"),
         "texts": (texts, lambda: _parquet_bytes(_text_table(texts, cfg)), "parquet"),
         "errors": (errors, lambda: _parquet_bytes(_error_table(errors)), "parquet"),
         "retries": (retries, lambda: _parquet_bytes(_error_table(retries)), "parquet"),
-        "webdataset": (images if cfg.webdataset else [], lambda: _webdataset_tar(images, cfg), "tar"),
+        "webdataset": (images if cfg.webdataset else Rows(block.slice(0, 0), []), lambda: _webdataset_tar(from_block(images.table), cfg), "tar"),
     }
     for dataset, (subset, make, ext) in files.items():
-        if subset:
+        if len(subset):
             write_atomic(fs, join(root, dataset, f"{name}.{ext}"), make())
-    result = _result(name, rows)
+    result = _result(name, rows, status)
     if cfg.lease_owner is not None:
         from pipeline.lease import check  # (imports resume, which imports this module)
 
         check(cfg.output, cfg.lease_owner)  # a taken-over output gets no commits from this run
-    keys = _keys(rows)
     commit = pa.table({**keys, "key": pa.array(pair_hashes(keys["id"], keys["sample_index"]), pa.uint64()),
-                       "status": pa.array([status[r.key] for r in rows], pa.string()),
-                       "covers": pa.array([r.covers for r in rows], pa.int32()),
-                       "kind": pa.array([None if r.failure is None else r.failure.kind for r in rows], pa.string()),
+                       "status": pa.array(status, pa.string()),
+                       "covers": rows.column("covers", pa.int32()),
+                       "kind": rows.column("failure_kind", pa.string()),
                        **_placement(rows, cfg.files),
-                       "content": pa.array([r.content for r in rows], pa.uint64())})  # the row's content hash
+                       "content": rows.column("content", pa.uint64())})  # the row's content hash
     write_atomic(fs, join(root, COMMITS, f"{name}.parquet"), _parquet_bytes(commit, {STATS_KEY: json.dumps(asdict(result)).encode()}))
     return result

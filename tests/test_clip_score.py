@@ -25,6 +25,7 @@ from pipeline.family import ModelError, StageContext
 from pipeline.report_data import gather
 from pipeline.report_html import render
 from pipeline.resume import ResumeError
+from pipeline.rows import to_block
 from pipeline.sample import Outputs, Sample
 from pipeline.score_stats import describe, merge, stats_of
 from pipeline.scoring import build_clip, check_clip_model
@@ -174,7 +175,7 @@ def test_samples_without_prompt_or_image_get_null(clip_dir, tmp_path):
         Image.fromarray(s.outputs.pixels).save(buf, "PNG")
         s.outputs.image, s.outputs.image_size, s.outputs.pixels = buf.getvalue(), (20, 20), None
     cfg = SinkConfig(output=str(tmp_path / "out"), family="toy", model="toy", webdataset=True, scores={"clip_score": "float32"})
-    shard = write_shard(samples, cfg)
+    shard = write_shard(to_block(samples), cfg)
     assert shard.score_stats["clip_score"]["n"] == 1
     table = pq.read_table(tmp_path / "out" / "images")
     assert table.schema.field("clip_score").type == pa.float32()

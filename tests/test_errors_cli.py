@@ -7,6 +7,7 @@ import pytest
 
 from jobs.cli import main
 from pipeline.resume import begin_run, read_log, retire_errors
+from pipeline.rows import to_block
 from pipeline.sink import SinkConfig, write_shard
 from tests.test_sink import encoded, failed, sample
 
@@ -16,9 +17,9 @@ def output(bucket):
     out = f"{bucket}/out"
     cfg = SinkConfig(output=out, family="f", model="m")
     begin_run(out, {"f": 1}, manifest="m", expected_pairs=10, new_run=False, retry_errors=False, log=read_log(out))
-    write_shard(encoded([sample(0), sample(1)]) + [failed("e1", "empty_prompt"), failed("e2", "empty_prompt")], cfg)
-    write_shard(encoded([sample(2)]) + [failed("e3", "empty_prompt"), failed("r1", "rejected", sample_index=0)], cfg)
-    write_shard([failed("t1", "throttled", retryable=True)], cfg)  # transient: not an error
+    write_shard(to_block(encoded([sample(0), sample(1)]) + [failed("e1", "empty_prompt"), failed("e2", "empty_prompt")]), cfg)
+    write_shard(to_block(encoded([sample(2)]) + [failed("e3", "empty_prompt"), failed("r1", "rejected", sample_index=0)]), cfg)
+    write_shard(to_block([failed("t1", "throttled", retryable=True)]), cfg)  # transient: not an error
     return out
 
 

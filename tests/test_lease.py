@@ -12,6 +12,7 @@ import pytest
 
 from pipeline.lease import LEASE_FILE, LeaseHeld, LeaseLost, acquire, check, read_lease, release
 from pipeline.resume import list_commits
+from pipeline.rows import to_block
 from pipeline.sample import Outputs, Sample
 from pipeline.sink import SinkConfig, write_shard
 
@@ -55,5 +56,5 @@ def test_a_run_that_lost_its_lease_commits_nothing(tmp_path):
     sample = Sample(id="a", sample_index=0, task="t2i", outputs=Outputs(image=b"png", image_size=(1, 1),
                                                                      embeddings={"e": np.zeros(2, np.float32)}))
     with pytest.raises(LeaseLost):
-        write_shard([sample], SinkConfig(output=output, family="f", model="m", lease_owner=mine.owner))
+        write_shard(to_block([sample]), SinkConfig(output=output, family="f", model="m", lease_owner=mine.owner))
     assert list_commits(output) == []

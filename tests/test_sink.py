@@ -48,7 +48,7 @@ def encoded(rs, fmt="png"):
 def test_formats_and_shard_layout(tmp_path, fmt, pil):
     cfg = SinkConfig(output=str(tmp_path), family="f", model="m", image_format=fmt, webdataset=True,
                      extra_schema=pa.schema([("tag", pa.string())]))
-    result = write_shard(encoded(rows(), fmt), cfg)
+    result = write_shard(to_block(encoded(rows(), fmt)), cfg)
     assert result.images == 3 and result.errors == 1 and result.pairs == 4 and result.errors_by_kind == {"empty_prompt": 1}
     name = result.shard
     images = pq.read_table(tmp_path / "images" / f"{name}.parquet")
@@ -64,7 +64,7 @@ def test_formats_and_shard_layout(tmp_path, fmt, pil):
 def test_same_rows_same_shard_name(tmp_path):
     cfg = SinkConfig(output=str(tmp_path), family="f", model="m")
     a, b = encoded(rows()), encoded(list(reversed(rows())))
-    assert write_shard(a, cfg).shard == write_shard(b, cfg).shard  # a retried write lands on the same files
+    assert write_shard(to_block(a), cfg).shard == write_shard(to_block(b), cfg).shard  # a retried write lands on the same files
     assert len(list_commits(str(tmp_path))) == 1
 
 
@@ -87,7 +87,7 @@ def test_statuses_in_the_commit_record_and_the_log(tmp_path):
     rs = rows(2, False) + [failed("bad", covers=3), failed("flaky", "input_unavailable", retryable=True, sample_index=0)]
     for i, s in enumerate(rs):
         s.content = 2**64 - 1 - i  # each record carries its row's content hash (uint64), error records too
-    result = write_shard(encoded(rs), cfg)
+    result = write_shard(to_block(encoded(rs)), cfg)
     assert (result.pairs, result.errors, result.retryable) == (5, 1, 1)  # the bad row stands for its 3 pairs
     assert result.retryable_by_kind == {"input_unavailable": 1}
     assert pq.read_table(tmp_path / "retries" / f"{result.shard}.parquet")["id"].to_pylist() == ["flaky"]
@@ -99,13 +99,13 @@ def test_statuses_in_the_commit_record_and_the_log(tmp_path):
     # the transient failure made later: no longer pending
     later = sample(9)
     later.id = "flaky"
-    write_shard(encoded([later]), cfg)
+    write_shard(to_block(encoded([later])), cfg)
     assert len(read_log(str(tmp_path)).retry) == 0
 
 
 def test_uncommitted_files_are_debris(tmp_path):
     cfg = SinkConfig(output=str(tmp_path), family="f", model="m")
-    result = write_shard(encoded(rows(2, False)), cfg)
+    result = write_shard(to_block(encoded(rows(2, False))), cfg)
     (tmp_path / "images" / "part-deadbeef.parquet").write_bytes(b"half a shard")  # crashed before its commit
     (tmp_path / "images" / f"{result.shard}.parquet.tmp-123").write_bytes(b"temp")
     (tmp_path / "_commits" / "part-cafe.parquet.tmp-9").write_bytes(b"half a commit")
@@ -121,7 +121,7 @@ def test_uncommitted_files_are_debris(tmp_path):
 
 def test_retire_errors_sets_them_aside_and_survives_a_crash_midway(tmp_path):
     cfg = SinkConfig(output=str(tmp_path), family="f", model="m")
-    result = write_shard(encoded(rows(2) + [failed("worse", covers=2)]), cfg)
+    result = write_shard(to_block(encoded(rows(2) + [failed("worse", covers=2)])), cfg)
     commits = read_log(str(tmp_path)).commits
     retired = retire_errors(str(tmp_path), commits)
     assert (retired[0].result.errors, retired[0].result.pairs, retired[0].result.images) == (0, 2, 2)
@@ -144,7 +144,7 @@ def test_embedding_columns(tmp_path):
     del rs[2].outputs.embeddings["e"]
     rs[2].outputs.embeddings["latent"] = np.zeros((2, 1, 1), np.float32)
     cfg = SinkConfig(output=str(tmp_path), family="f", model="m", webdataset=True)
-    name = write_shard(encoded(rs), cfg).shard
+    name = write_shard(to_block(encoded(rs)), cfg).shard
     emb = pq.read_table(tmp_path / "embeddings" / f"{name}.parquet")
     assert emb.schema.field("e").type == pa.list_(pa.float32(), 3)
     assert emb["e"].to_pylist() == [[0, 1, 2], [1, 2, 3], None]
@@ -161,7 +161,7 @@ def test_an_embedding_of_varying_size_is_a_family_bug(tmp_path):
     rs = rows(2, False)
     rs[1].outputs.embeddings["e"] = np.zeros(5, np.float32)
     with pytest.raises(ValueError, match="'e' has sizes \\[3, 5\\]"):
-        write_shard(encoded(rs), SinkConfig(output=str(tmp_path), family="f", model="m"))
+        write_shard(to_block(encoded(rs)), SinkConfig(output=str(tmp_path), family="f", model="m"))
 
 
 def test_webdataset_keys_stay_short_and_distinct(tmp_path):
@@ -170,7 +170,7 @@ def test_webdataset_keys_stay_short_and_distinct(tmp_path):
     assert sample_key("plain-id_1", 2) == "plain-id_1_0002"  # short safe ids keep their readable key
     rs = rows(2, False)
     rs[0].id, rs[1].id = long_a, long_b
-    name = write_shard(encoded(rs), SinkConfig(output=str(tmp_path), family="f", model="m", webdataset=True)).shard
+    name = write_shard(to_block(encoded(rs)), SinkConfig(output=str(tmp_path), family="f", model="m", webdataset=True)).shard
     with tarfile.open(tmp_path / "webdataset" / f"{name}.tar") as tar:
         metas = [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
     assert sorted(m["id"] for m in metas) == sorted([long_a, long_b])
