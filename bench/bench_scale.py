@@ -226,6 +226,9 @@ def main() -> None:
         for rows in args.sizes:
             scale_run(work, rows, 1, table)
         scale_run(work, top, 100, table)
+        # the stage in two replicas, as the plain pipeline runs its function in parallel tasks
+        measure(table, f"{top:.0e} rows, 1 file(s): run, stage replicas 2", top,
+                run_args(work / f"m-{top}-1", work / f"out-{top}-r2") + ["--set", "stages.emit.replicas=2"])
         measure(table, f"{top:.0e} rows: plain Ray Data read -> map_batches -> write", top,
                 [sys.executable, __file__, "--workdir", str(work), "--plain", str(work / f"m-{top}-1"), str(work / f"plain-{top}")])
     if "resume" in args.phases:
@@ -250,6 +253,9 @@ def main() -> None:
     ours = next((t for t in table if t["run"] == f"{top:.0e} rows, 1 file(s): run"), None)
     if plain and ours:
         print(f"\ngenfleet / plain Ray Data at {top:.0e} rows (same run): {ours['rows_per_s'] / plain['rows_per_s']:.2f}x")
+        two = next((t for t in table if t["run"].endswith("stage replicas 2")), None)
+        if two:
+            print(f"genfleet, stage replicas 2 / plain Ray Data: {two['rows_per_s'] / plain['rows_per_s']:.2f}x")
     (work / "bench_scale.json").write_text(json.dumps(table, indent=1))
 
 

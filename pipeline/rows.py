@@ -45,9 +45,9 @@ REST = ("inputs", "extras", "state", "pixels", "embeddings", "scores")  # empty 
 
 def _rest(s: Sample) -> bytes | None:
     o = s.outputs
-    values = {"inputs": s.inputs, "extras": s.extras, "state": s.state, "pixels": o.pixels, "embeddings": o.embeddings,
-              "scores": o.scores}
-    kept = {k: v for k, v in values.items() if v is not None and not (isinstance(v, dict) and not v)}
+    values = (("inputs", s.inputs), ("extras", s.extras), ("state", s.state), ("pixels", o.pixels),
+              ("embeddings", o.embeddings), ("scores", o.scores))
+    kept = {k: v for k, v in values if v is not None and not (type(v) is dict and not v)}
     return pickle.dumps(kept, protocol=5) if kept else None
 
 

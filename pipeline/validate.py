@@ -240,10 +240,15 @@ class Expand:
     def pending(self, table: pa.Table) -> list[tuple[list[int], bool]]:
         """Per row, the sample indices not committed yet, and whether its error record is committed."""
         done, first, counts = committed_pairs(table, self.duplicates, self.committed)
+        if not len(done):
+            return []
+        last = first + counts - 1
+        error_done = done[last].tolist()
+        any_done = (np.add.reduceat(done.astype(np.int64), first) - done[last]).tolist()  # samples committed, per row
         out = []
-        for r in range(table.num_rows):
-            lo, hi = first[r], first[r] + counts[r] - 1
-            out.append(([int(i) for i in np.flatnonzero(~done[lo:hi])], bool(done[hi])))
+        for r, (lo, hi) in enumerate(zip(first.tolist(), last.tolist())):
+            todo = list(range(hi - lo)) if not any_done[r] else [int(i) for i in np.flatnonzero(~done[lo:hi])]
+            out.append((todo, error_done[r]))
         return out
 
     def __call__(self, table: pa.Table) -> pa.Table:
