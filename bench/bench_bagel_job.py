@@ -1,22 +1,25 @@
 """A real BAGEL-7B-MoT job through `genfleet run`, against bench/bench_bagel.py in the same process sequence.
 
-    python bench/bench_bagel_job.py --sizes 512 --rows 64          # one H200: checkpoint, bench 512², job 512²
-    python bench/bench_bagel_job.py --sizes 512 1024 --rows 64 16  # both sizes
-    python bench/bench_bagel_job.py --tiny                          # the same path on CPU, tiny model
+    python bench/bench_bagel_job.py                                  # one H200: 16 rows at 1024², 64 at 512², batch 8
+    python bench/bench_bagel_job.py --sizes 512 --rows 64            # one size
+    python bench/bench_bagel_job.py --tiny                           # the same path on CPU, tiny model
 
 Phases, each a fresh process, each printed with its start time:
 1. checkpoint: bench/bagel_checkpoint.py writes a random-weight checkpoint in the released
    layout to WORKDIR/ckpt (kept if WORKDIR/ckpt.json says it is complete).
-2. per size: bench/bench_bagel.py at that size and the job's batch (`--attention split --compile`),
-   then `genfleet run` (`python -m jobs.cli run`, what the `genfleet` script calls) with
-   configs/bagel-7b-job.yaml over a t2i manifest of ROWS rows at that size, the family being
-   bench/bagel_timed.py (the bagel family, its stage builds and batches timestamped). The
-   checkpoint's pages are dropped from the page cache before each job, so its load reads the disk.
+2. bench: bench/bench_bagel.py at every size and the job's batch (`--attention split --compile`).
+3. job: `genfleet run` (`python -m jobs.cli run`, what the `genfleet` script calls) with
+   configs/bagel-7b-job.yaml over one t2i manifest (ROWS rows of each size, in the order given),
+   the family being bench/bagel_timed.py (the bagel family, its stage builds and batches
+   timestamped). The checkpoint's pages are dropped from the page cache first, so its load reads
+   the disk.
 A background process samples the GPU (NVML: utilisation, memory) every second throughout.
-Reported per size: the bench's images/h; the job's lmm model load (the stage's build: tokenizer,
-weights straight to the GPU); time from launch to the first committed shard; the job's images/h
-over its lmm batches after the first (steady: the first batch also compiles) and from the first
-batch's start, and end to end; their ratio to the bench; GPU utilisation over the same windows.
+Reported: the lmm stage's model load (its build: tokenizer, weights straight to the GPU; and the
+loader's call alone); launch to the first lmm batch and to the first committed shard; per size,
+the job's images/h over its lmm batches after the job's first (which also compiles), each batch
+counted from the end of the one before it, so gaps count, against the bench's images/h; over
+the whole job, images/h and GPU utilisation from the first batch's start (and end) to the last's
+end, and end to end (launch to exit).
 --time-limit S: skip or cut phases so that the whole stays within S seconds (partial results
 are kept in OUT/results.json).
 """
@@ -104,13 +107,19 @@ def prompts(n: int, seed: int) -> list[str]:
     return [", ".join(r.sample(WORDS, r.randint(2, 4))) for _ in range(n)]
 
 
-def write_manifest(path: Path, size: int, rows: int) -> None:
+def write_manifest(path: Path, sizes: list[int], rows: list[int]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    ps = prompts(rows, size)
-    pq.write_table(pa.table({"id": [f"t2i-{size}-{i:04d}" for i in range(rows)], "task": ["t2i"] * rows, "prompt": ps,
-                             "width": [size] * rows, "height": [size] * rows, "seed": list(range(rows))}), path)
+    cols: dict[str, list] = {"id": [], "task": [], "prompt": [], "width": [], "height": [], "seed": []}
+    for size, n in zip(sizes, rows):
+        cols["id"] += [f"t2i-{size}-{i:04d}" for i in range(n)]
+        cols["prompt"] += prompts(n, size)
+        cols["task"] += ["t2i"] * n
+        cols["width"] += [size] * n
+        cols["height"] += [size] * n
+        cols["seed"] += list(range(n))
+    pq.write_table(pa.table(cols), path)
 
 
 def bench_figure(text: str, size: int, batch: int) -> float | None:
@@ -133,7 +142,7 @@ def mean_util(samples, t0: float, t1: float) -> float | None:
     return round(sum(us) / len(us), 1) if us else None
 
 
-def analyse(size: int, launch: float, end: float, events: list[dict], output: Path, samples) -> dict:
+def analyse(launch: float, end: float, events: list[dict], output: Path, samples, sizes: list[int]) -> dict:
     from pipeline.resume import read_results
 
     mine = [e for e in events if launch <= e["t0"] <= end]
@@ -143,7 +152,7 @@ def analyse(size: int, launch: float, end: float, events: list[dict], output: Pa
         commits = sorted(c.result.committed_at for c in read_results(str(output)))
     except Exception:  # no commit (a job cut short)
         commits = []
-    r: dict = {"size": size, "wall_s": round(end - launch, 1), "lmm_batches": len(lmm), "images": sum(e["rows"] for e in lmm)}
+    r: dict = {"wall_s": round(end - launch, 1), "lmm_batches": len(lmm), "images": sum(e["rows"] for e in lmm)}
     if "lmm" in builds:
         b = builds["lmm"]
         r["actor_start_s"] = round(b["t0"] - launch, 1)  # driver checks, Ray start, actor start, CUDA init
@@ -152,24 +161,32 @@ def analyse(size: int, launch: float, end: float, events: list[dict], output: Pa
     if weights:
         w = weights[0]
         r["weights_load_s"] = round(w["t1"] - w["t0"], 1)
+        r["weights_gb"] = round(w["bytes"] / 1e9, 2)
         r["weights_gb_s"] = round(w["bytes"] / 1e9 / max(w["t1"] - w["t0"], 1e-9), 2)
     if "vae_decode" in builds:
         r["ae_load_s"] = round(builds["vae_decode"]["t1"] - builds["vae_decode"]["t0"], 1)
     if commits:
         r["first_commit_s"] = round(commits[0] - launch, 1)
         r["commits"] = len(commits)
-    if lmm:
-        t_first, t_first_end, t_last = lmm[0]["t0"], lmm[0]["t1"], lmm[-1]["t1"]
-        r["first_batch_at_s"] = round(t_first - launch, 1)
-        r["batch_s"] = [round(e["t1"] - e["t0"], 2) for e in lmm]
-        r["gaps_s"] = [round(b["t0"] - a["t1"], 2) for a, b in zip(lmm, lmm[1:])]
-        r["sizes"] = sorted({tuple(s) for e in lmm for s in e["sizes"]})
-        r["iph_from_first"] = round(3600 * r["images"] / (t_last - t_first), 1)
-        if len(lmm) > 1:
-            r["iph_steady"] = round(3600 * sum(e["rows"] for e in lmm[1:]) / (t_last - t_first_end), 1)
-        r["util_from_first"] = mean_util(samples, t_first, t_last)
-        r["util_steady"] = mean_util(samples, t_first_end, t_last) if len(lmm) > 1 else None
     r["iph_end_to_end"] = round(3600 * r["images"] / (end - launch), 1)
+    if not lmm:
+        return r
+    t_first, t_first_end, t_last = lmm[0]["t0"], lmm[0]["t1"], lmm[-1]["t1"]
+    r["first_batch_at_s"] = round(t_first - launch, 1)
+    r["batches"] = [[round(e["t0"] - launch, 1), round(e["t1"] - e["t0"], 2), e["rows"], [s[0] for s in e["sizes"]]] for e in lmm]
+    r["gaps_s"] = [round(b["t0"] - a["t1"], 2) for a, b in zip(lmm, lmm[1:])]
+    r["iph_from_first"] = round(3600 * r["images"] / (t_last - t_first), 1)
+    r["util_from_first"] = mean_util(samples, t_first, t_last)
+    r["util_after_first"] = mean_util(samples, t_first_end, t_last) if len(lmm) > 1 else None
+    r["per_size"] = {}
+    for size in sizes:  # batches of this size alone, after the job's first; each from the end of the one before
+        spans = [(a["t1"], b["t1"], b["rows"]) for a, b in zip(lmm, lmm[1:]) if b["sizes"] == [[size, size]]]
+        if spans:
+            us = [u for t, u, _ in samples if any(t0 <= t <= t1 for t0, t1, _ in spans)]
+            r["per_size"][str(size)] = {
+                "batches": len(spans), "images": sum(n for *_, n in spans),
+                "iph": round(3600 * sum(n for *_, n in spans) / sum(t1 - t0 for t0, t1, _ in spans), 1),
+                "util": round(sum(us) / len(us), 1) if us else None}
     return r
 
 
@@ -190,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         sample_gpu(args.sample_gpu, 1.0)
         return 0
     tiny = args.tiny
-    sizes = args.sizes or ([64] if tiny else [512, 1024])
-    rows = args.rows or ([8] if tiny else [64, 16])[: len(sizes)]
+    sizes = args.sizes or ([64, 32] if tiny else [1024, 512])
+    rows = args.rows or ([4, 8] if tiny else [16, 64])[: len(sizes)]
     batch = args.batch_size or (2 if tiny else 8)
     steps = args.steps or (4 if tiny else 50)
     if len(rows) != len(sizes):
@@ -204,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     log, gpu_csv, events_path = out / "log.txt", out / "gpu.csv", out / "events.jsonl"
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     sampler = subprocess.Popen([sys.executable, __file__, "--sample-gpu", str(gpu_csv)], cwd=ROOT, start_new_session=True)
-    results: dict = {"device": None, "sizes": sizes, "rows": rows, "batch": batch, "steps": steps, "jobs": [], "bench": {}}
+    results: dict = {"device": None, "sizes": sizes, "rows": rows, "batch": batch, "steps": steps, "bench": {}}
 
     def save() -> None:
         (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -232,43 +249,40 @@ def main(argv: list[str] | None = None) -> int:
         save()
         from bagel_checkpoint import drop_cache
 
-        for size, n in zip(sizes, rows):
-            if not args.no_bench and left() > (60 if tiny else 90 + size * size / 1024**2 * 130):
-                say(f"bench {size}², batch {batch}")
-                cmd = [sys.executable, "bench/bench_bagel.py", "--sizes", str(size), "--batch-sizes", str(batch), "--steps", str(steps),
-                       "--attention", "split", "--no-edit", *(["--tiny"] if tiny else ["--compile"])]
-                rc, text = run(cmd, log, left() - 10, env)
-                results["bench"][str(size)] = bench_figure(text, size, batch)
-                say(f"bench {size}²: rc {rc}, {results['bench'][str(size)]} images/h\n{text[-1500:]}")
-                save()
-            if left() < (60 if tiny else 120):
-                say(f"job {size}²: skipped ({left():.0f}s left)")
-                continue
-            manifest, output = work / f"manifest-{size}.parquet", work / f"out-{size}"
-            write_manifest(manifest, size, n)
-            shutil.rmtree(output, ignore_errors=True)
-            for f in ("ema.safetensors", "ae.safetensors"):
-                drop_cache(ckpt / f)
-            sets = [f"stages.lmm.batch_size={batch}", f"sampler.t2i.num_timesteps={steps}"]
-            if tiny:
-                sets += ["stages.lmm.options.compile=false", "ray.num_cpus=4"]
-            cmd = [sys.executable, "-m", "jobs.cli", "run", "configs/bagel-7b-job.yaml", "--family", "bench.bagel_timed:FAMILY",
-                   "--model", str(ckpt), "--manifest", str(manifest), "--output", str(output),
-                   *(["--cpu"] if tiny else []), *[a for s in sets for a in ("--set", s)]]
-            say(f"job {size}²: {n} rows, batch {batch}, {steps} steps")
-            launch = time.time()
-            rc, text = run(cmd, log, left() - 5, dict(env, GENFLEET_BENCH_EVENTS=str(events_path)))
-            end = time.time()
-            events = [json.loads(x) for x in events_path.read_text().splitlines()] if events_path.is_file() else []
-            r = analyse(size, launch, end, events, output, read_samples(gpu_csv)) | {"rc": rc, "rows": n}
-            bench = results["bench"].get(str(size))
-            if bench and r.get("iph_steady"):
-                r["ratio_steady"] = round(r["iph_steady"] / bench, 3)
-            if bench and r.get("iph_from_first"):
-                r["ratio_from_first"] = round(r["iph_from_first"] / bench, 3)
-            results["jobs"].append(r)
+        if not args.no_bench and left() > (60 if tiny else 100):
+            say(f"bench: sizes {sizes}, batch {batch}")
+            cmd = [sys.executable, "bench/bench_bagel.py", "--sizes", *map(str, sizes), "--batch-sizes", str(batch), "--steps", str(steps),
+                   "--attention", "split", "--no-edit", *(["--tiny"] if tiny else ["--compile"])]
+            rc, text = run(cmd, log, left() - 10, env)
+            results["bench"] = {str(size): bench_figure(text, size, batch) for size in sizes}
+            say(f"bench: rc {rc}, images/h {results['bench']}\n{text[-1500:]}")
             save()
-            say(f"job {size}²: rc {rc}; {r}\n{text[-1500:]}")
+        if left() < (60 if tiny else 150):
+            say(f"job: skipped ({left():.0f}s left)")
+            return 1
+        manifest, output = work / "manifest.parquet", work / "out"
+        write_manifest(manifest, sizes, rows)
+        shutil.rmtree(output, ignore_errors=True)
+        for f in ("ema.safetensors", "ae.safetensors"):
+            drop_cache(ckpt / f)
+        sets = [f"stages.lmm.batch_size={batch}", f"sampler.t2i.num_timesteps={steps}"]
+        if tiny:
+            sets += ["stages.lmm.options.compile=false", "ray.num_cpus=4"]
+        cmd = [sys.executable, "-m", "jobs.cli", "run", "configs/bagel-7b-job.yaml", "--family", "bench.bagel_timed:FAMILY",
+               "--model", str(ckpt), "--manifest", str(manifest), "--output", str(output),
+               *(["--cpu"] if tiny else []), *[a for s in sets for a in ("--set", s)]]
+        say(f"job: {' + '.join(f'{n} rows at {size}²' for size, n in zip(sizes, rows))}, batch {batch}, {steps} steps")
+        launch = time.time()
+        rc, text = run(cmd, log, left() - 5, dict(env, GENFLEET_BENCH_EVENTS=str(events_path)))
+        end = time.time()
+        events = [json.loads(x) for x in events_path.read_text().splitlines()] if events_path.is_file() else []
+        r = analyse(launch, end, events, output, read_samples(gpu_csv), sizes) | {"rc": rc, "rows": sum(rows)}
+        for size, d in r.get("per_size", {}).items():
+            if results["bench"].get(size):
+                d["ratio"] = round(d["iph"] / results["bench"][size], 3)
+        results["job"] = r
+        save()
+        say(f"job: rc {rc}; {json.dumps(r)}\n{text[-1500:]}")
     finally:
         os.killpg(sampler.pid, signal.SIGTERM)
         sampler.wait()
@@ -278,19 +292,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(results: dict) -> None:
+    g = lambda d, k: "–" if d.get(k) is None else d[k]  # noqa: E731
     print(f"\n# BAGEL job vs bench: {results['device']}, batch {results['batch']}, {results['steps']} steps; "
-          f"checkpoint {results.get('checkpoint')}\n")
-    print("| size | rows | bench images/h | job images/h, batches 2..N | ratio | job images/h, from batch 1 | ratio | end to end "
-          "| lmm model load s | launch → first batch s | launch → first commit s | GPU util % batches 2..N | from batch 1 | wall s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in results["jobs"]:
-        g = lambda k: "–" if r.get(k) is None else r[k]  # noqa: E731
-        print(f"| {r['size']}² | {r['images']}/{r['rows']} | {results['bench'].get(str(r['size'])) or '–'} | {g('iph_steady')} "
-              f"| {g('ratio_steady')} | {g('iph_from_first')} | {g('ratio_from_first')} | {g('iph_end_to_end')} | {g('model_load_s')} "
-              f"| {g('first_batch_at_s')} | {g('first_commit_s')} | {g('util_steady')} | {g('util_from_first')} | {g('wall_s')} |")
-    for r in results["jobs"]:
-        print(f"# {r['size']}²: lmm batches (s) {r.get('batch_s')}, gaps (s) {r.get('gaps_s')}, actor start {r.get('actor_start_s')} s, "
-              f"weights (load_bagel) {r.get('weights_load_s')} s at {r.get('weights_gb_s')} GB/s, AE load {r.get('ae_load_s')} s, commits {r.get('commits')}, rc {r['rc']}")
+          f"checkpoint {results.get('checkpoint')}")
+    r = results.get("job")
+    if not r:
+        print(f"# no job figures; bench images/h {results['bench']}")
+        return
+    print(f"# job: {r['images']}/{r['rows']} images, rc {r['rc']}, wall {r['wall_s']} s; lmm batches [start s, s, rows, sizes] "
+          f"{r.get('batches')}; gaps {r.get('gaps_s')} s; actor start {g(r, 'actor_start_s')} s\n")
+    print("| size | job batches (after the job's first) | bench images/h | job images/h | job / bench | GPU util % |")
+    print("|---|---|---|---|---|---|")
+    for size, d in r.get("per_size", {}).items():
+        print(f"| {size}² | {d['batches']} ({d['images']} images) | {g(results['bench'], size)} | {d['iph']} | {g(d, 'ratio')} "
+              f"| {g(d, 'util')} |")
+    print("\n| job | figure |\n|---|---|")
+    for label, key in (("lmm model load (stage build: tokenizer, weights, compile set-up), s", "model_load_s"),
+                       ("  of it load_bagel (weights to the GPU), s", "weights_load_s"), ("  weights GB", "weights_gb"),
+                       ("  weights GB/s", "weights_gb_s"), ("AE load (vae_decode build), s", "ae_load_s"),
+                       ("launch -> lmm build starts (checks, Ray, actor, CUDA), s", "actor_start_s"),
+                       ("launch -> first lmm batch starts, s", "first_batch_at_s"), ("launch -> first committed shard, s", "first_commit_s"),
+                       ("images/h, first batch start -> last batch end", "iph_from_first"), ("images/h, end to end", "iph_end_to_end"),
+                       ("GPU util %, first batch start -> last batch end", "util_from_first"),
+                       ("GPU util %, first batch end -> last batch end", "util_after_first"), ("commits", "commits")):
+        print(f"| {label} | {g(r, key)} |")
 
 
 if __name__ == "__main__":
