@@ -28,6 +28,7 @@ from pipeline.sink import ShardResult
 log = logging.getLogger("genfleet")
 TICK_SECONDS = 0.25
 MAX_WRITES_IN_FLIGHT = 4
+DRAIN_SECONDS = 120.0  # a run that ends early waits this long for the shards already handed to write tasks
 
 
 def _write(sink: OutputDatasink, *blocks) -> ShardResult | None:
@@ -72,6 +73,30 @@ class ShardWriter:
             if result is not None:
                 self.results.append(result)
                 self._stop = self._stop or self.on_result(result)
+
+    def _drain(self) -> None:
+        """A run that ends early (Ctrl-C, a stop, a failure) first collects the writes already
+        handed out: a task may have committed its shard, and the run's summary counts it."""
+        with self._lock:
+            pending = list(self._in_flight)
+        if not pending:
+            return
+        try:
+            finished, _ = ray.wait(pending, num_returns=len(pending), timeout=DRAIN_SECONDS)
+        except Exception as e:  # noqa: BLE001 - Ray itself is going (the run's own error says why)
+            log.warning("could not collect the shard writes in flight: %s", e)
+            return
+        for ref in finished:
+            try:
+                result = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - the run is ending with its own error; this one is logged
+                log.warning("a shard write failed while the run ended: %s", e)
+                continue
+            if result is not None:
+                self.results.append(result)
+                self.on_result(result)  # (counted; a stop reason no longer matters)
+        with self._lock:
+            self._in_flight = [r for r in self._in_flight if r not in finished]
 
     def _tick(self, done: threading.Event) -> None:
         while not done.is_set():
@@ -130,6 +155,9 @@ class ShardWriter:
             if self._error is not None:
                 raise self._error
         except BaseException as e:
+            done.set()
+            ticker.join()
+            self._drain()
             self.sink.on_write_failed(e if isinstance(e, Exception) else RuntimeError(str(e)))
             raise
         finally:
