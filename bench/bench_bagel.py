@@ -18,6 +18,11 @@ timing, the relative L2 distance between the final latents of each mode and the 
 batch (bench/profile_bagel_step.py). --reference PATH: then the reference's own inferencer
 (ByteDance-Seed/Bagel copied to PATH; its bench from --ref-tools, default .bagel-tools/) at the
 same sizes and steps, batch 1, in a subprocess on the same GPU, and the ratio (bench/bagel_ref.py).
+--approx VARIANT...: then the optional approximate speed-ups at the largest size and batch, each
+beside the exact path timed again in the same state: fp8 (the LLM's decoder GEMMs in FP8,
+modeling/bagel/quant.py), cache:N (the step cache: the model every Nth step) or fp8+cache:N;
+with each one's drift from the exact path at the same seeds (final latents' relative L2, decoded
+images' PSNR). FP8 converts the model in place, so fp8 variants run after the bf16 ones.
 
 Each row of a batch has its own prompt and noise; sampler settings are the reference
 notebook's (t2i: cfg_text 4, cfg_img 1, interval [0.4, 1], global renorm, shift 3; edit:
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import sys
 import time
 from pathlib import Path
@@ -89,17 +95,19 @@ def prompts(model: Bagel, n: int, seed: int) -> list[list[int]]:
     return [torch.randint(10, vocab, (int(torch.randint(12, 40, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
 
 
-def t2i_rows(model, size: int, batch: int, steps: int, seed: int = 0) -> list:
+def t2i_rows(model, size: int, batch: int, steps: int, seed: int = 0, **params) -> list:
     return [
         S.ImageRow(ids, size, size, S.get_noise(model, size, size, torch.Generator().manual_seed(seed + i)),
-                   S.replace(S.T2I_DEFAULTS, num_timesteps=steps))
+                   S.replace(S.T2I_DEFAULTS, num_timesteps=steps, **params))
         for i, ids in enumerate(prompts(model, batch, seed))
     ]
 
 
-def run_t2i(model, ae, size: int, batch: int, steps: int, attention: str = "split", seed: int = 0) -> None:
-    for x in S.denoise(model, t2i_rows(model, size, batch, steps, seed), SPECIAL, attention=attention):
-        S.decode_to_uint8(ae, S.unpack_latent(model, x, size, size))
+def run_t2i(model, ae, size: int, batch: int, steps: int, attention: str = "split", seed: int = 0,
+            **params) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each row's (final packed latents, decoded uint8 image)."""
+    return [(x, S.decode_to_uint8(ae, S.unpack_latent(model, x, size, size)))
+            for x in S.denoise(model, t2i_rows(model, size, batch, steps, seed, **params), SPECIAL, attention=attention)]
 
 
 DEFAULT_ORDER = list(attn.UNMASKED_ORDER)
@@ -160,6 +168,52 @@ def compare(model, modes: list[str], size: int, steps: int) -> None:
         print(f"# {mode} vs {modes[0]}: final latents rel L2 {rel:.2e} ({size}², batch 2, {steps} steps)", flush=True)
 
 
+def approx_variant(v: str) -> str:
+    parts = v.split("+")
+    ok = len(parts) == len(set(p.partition(":")[0] for p in parts)) and all(
+        p == "fp8" or (p.startswith("cache:") and p[6:].isdigit() and int(p[6:]) >= 2) for p in parts)
+    if not ok:
+        raise argparse.ArgumentTypeError(f"expected fp8, cache:N (N >= 2) or fp8+cache:N, got {v!r}")
+    return v
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = float((a.float() - b.float()).pow(2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def approx(model, ae, variants: list[str], size: int, batch: int, steps: int, mode: str, compiled: bool,
+           device: str) -> None:
+    """Time each variant beside the exact path (same seeds, same warm state) and print its drift."""
+    from modeling.bagel.quant import quantize_llm
+
+    def timed(**params):
+        if compiled:
+            run_t2i(model, ae, size, batch, 6, mode, **params)  # (re)compile for these shapes first
+        out: list = []
+        dt, _ = measure(lambda: out.extend(run_t2i(model, ae, size, batch, steps, mode, **params)), device)
+        return dt, out
+
+    print("\n| variant | size | batch | s/image | images/hour | x exact | latents rel L2 (max) | PSNR dB (min / mean) |")
+    print("|---|---|---|---|---|---|---|---|")
+    dt0, exact = timed()
+    print(f"| exact | {size}² | {batch} | {dt0 / batch:.2f} | {3600 * batch / dt0:.0f} | 1.00 | 0 | inf |", flush=True)
+    quantised = False
+    for v in sorted(variants, key=lambda v: "fp8" in v):  # bf16 variants before the in-place FP8 conversion
+        if "fp8" in v and not quantised:
+            quantize_llm(model, "fp8", device)
+            if compiled:
+                torch._dynamo.reset()  # the compiled MLPs held the bf16 Linears
+                model.compile_blocks()
+            quantised = True
+        interval = next((int(p[6:]) for p in v.split("+") if p.startswith("cache:")), 1)
+        dt, out = timed(step_cache_interval=interval)
+        rel = max(float((x - x0).norm() / x0.norm()) for (x, _), (x0, _) in zip(out, exact))
+        p = [psnr(img, img0) for (_, img), (_, img0) in zip(out, exact)]
+        print(f"| {v} | {size}² | {batch} | {dt / batch:.2f} | {3600 * batch / dt:.0f} | {dt0 / dt:.2f} | {rel:.2e} "
+              f"| {min(p):.1f} / {sum(p) / len(p):.1f} |", flush=True)
+
+
 def run_edit(model, ae, size: int, steps: int, vae_rule: ResizeRule, vit_rule: ResizeRule, attention: str = "split") -> None:
     from PIL import Image
 
@@ -206,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="first time one layer's attention alone for each --attention mode (largest size and batch)")
     ap.add_argument("--compare", action="store_true", help="print how far each --attention mode's latents are from the first's")
     ap.add_argument("--profile", action="store_true", help="profile one CFG denoising forward (largest size and batch)")
+    ap.add_argument("--approx", nargs="+", default=[], type=approx_variant, metavar="VARIANT",
+                    help="then fp8 | cache:N | fp8+cache:N beside the exact path, with their drift (largest size and batch)")
     ap.add_argument("--reference", default=None, metavar="PATH",
                     help="then time the reference (ByteDance-Seed/Bagel's modeling/, data/, inferencer.py at PATH)")
     ap.add_argument("--ref-tools", default=None, metavar="DIR",
@@ -258,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         profile_step(model, t2i_rows(model, size, b, 4, seed=7), SPECIAL, use(args.attention[-1]), S.denoise)
         print(f"# measured above: {1000 * ours[size, b, args.attention[-1]] * b / (steps - 1):.0f} ms per step "
               f"(whole loop incl. prefill and VAE decode, / {steps - 1})", flush=True)
+    if args.approx:
+        approx(model, ae, args.approx, max(sizes), max(batches), steps, use(args.attention[-1]), args.compile, device)
     if args.reference:
         del model, ae  # the reference builds its own model: give it the GPU's memory
         gc.collect()

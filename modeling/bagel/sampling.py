@@ -8,7 +8,7 @@ denoising; text decoding appends to its rows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -40,8 +40,17 @@ class ImageParams:
     cfg_renorm_min: float = 0.0
     timestep_shift: float = 3.0
     num_timesteps: int = 50
+    # Step cache (approximate, off at 1): the model runs on every step_cache_interval-th step
+    # only; between, each row's guided velocity is extrapolated to first order in t from its
+    # last two computed ones (TaylorSeer's idea, on the model's output). The first
+    # step_cache_warmup steps, and two steps after CFG turns on or off, are always computed.
+    step_cache_interval: int = 1
+    step_cache_warmup: int = 3
 
     def __post_init__(self):
+        if self.step_cache_interval < 1 or self.step_cache_warmup < 2:
+            raise ValueError(f"step_cache_interval must be >= 1 and step_cache_warmup >= 2, got "
+                             f"{self.step_cache_interval}, {self.step_cache_warmup}")
         if self.cfg_renorm_type not in RENORM_TYPES:
             raise ValueError(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {self.cfg_renorm_type!r}")
         if self.num_timesteps < 2:
@@ -148,11 +157,41 @@ def _branches(p: ImageParams, t: Tensor) -> list[str]:
     return ["gen", "text"] + (["img"] if p.cfg_img_scale > 1.0 else [])
 
 
+@dataclass
+class StepCache:
+    """One row's computed velocities for ImageParams.step_cache_interval > 1."""
+
+    interval: int
+    warmup: int
+    branches: tuple[str, ...] = ()  # the CFG branches the velocities in `seen` were computed with
+    seen: list[tuple[float, Tensor]] = field(default_factory=list)  # (t, v) of the last two computed steps
+    last: int = -1  # the last computed step
+
+    def computes(self, step: int, branches: tuple[str, ...]) -> bool:
+        # a change of branches changes what the velocity is: extrapolating across it would be wrong
+        return (self.interval <= 1 or step < self.warmup or branches != self.branches or len(self.seen) < 2
+                or step - self.last >= self.interval)
+
+    def record(self, step: int, t: float, branches: tuple[str, ...], v: Tensor) -> None:
+        if self.interval <= 1:
+            return
+        if branches != self.branches:
+            self.branches, self.seen = branches, []
+        self.seen = self.seen[-1:] + [(t, v)]
+        self.last = step
+
+    def predict(self, t: float) -> Tensor:
+        (t0, v0), (t1, v1) = self.seen
+        return v1 + (v1 - v0) * ((t - t1) / (t1 - t0))
+
+
 @torch.inference_mode()
 def denoise(model: Bagel, rows: list[ImageRow], special: SpecialTokens, attention: str = "split") -> list[Tensor]:
     """Run every row's Euler loop together; returns each row's final packed latents [n, C].
     attention: "split" (context and image attention merged by log-sum-exp; the image part
-    runs unmasked) or "masked" (one key-masked attention over context + image)."""
+    runs unmasked) or "masked" (one key-masked attention over context + image).
+    A row whose step cache skips a step (ImageParams.step_cache_interval) takes no part in that
+    step's forward; a step every row skips runs none."""
     if attention not in ("split", "masked"):
         raise ValueError(f"attention must be split or masked, got {attention!r}")
     dev, P = model.vae2llm.weight.device, model.params
@@ -172,12 +211,21 @@ def denoise(model: Bagel, rows: list[ImageRow], special: SpecialTokens, attentio
     xs = [r.noise.to(dev, torch.float32) for r in rows]
     pos_ids = [grid_ids(h, w, P.max_latent_size).to(dev) for h, w in grids]
     ends = model.embed_text(torch.tensor([special.start_of_image, special.end_of_image], device=dev))
+    caches = [StepCache(r.params.step_cache_interval, r.params.step_cache_warmup) for r in rows]
     plans = {}
     for step in range(max(len(t) for t, _ in scheds)):
-        seqs = []  # (row, branch)
+        seqs, skipped = [], []  # (row, branch) to compute; rows whose velocity is extrapolated
         for i, (t, _) in enumerate(scheds):
             if step < len(t):
-                seqs += [(i, b) for b in _branches(rows[i].params, t[step])]
+                branches = tuple(_branches(rows[i].params, t[step]))
+                if caches[i].computes(step, branches):
+                    seqs += [(i, b) for b in branches]
+                else:
+                    skipped.append(i)
+        for i in skipped:
+            xs[i] = xs[i] - caches[i].predict(float(scheds[i][0][step])) * scheds[i][1][step].to(dev)
+        if not seqs:
+            continue
         emb = {}
         for i in {i for i, _ in seqs}:
             t = scheds[i][0][step].to(dev)
@@ -205,6 +253,7 @@ def denoise(model: Bagel, rows: list[ImageRow], special: SpecialTokens, attentio
             by_row.setdefault(i, {})[b] = v
         for i, vs in by_row.items():
             v = _combine(vs["gen"], vs.get("text"), vs.get("img"), rows[i].params)
+            caches[i].record(step, float(scheds[i][0][step]), tuple(vs), v)
             xs[i] = xs[i] - v * scheds[i][1][step].to(dev)
     return xs
 

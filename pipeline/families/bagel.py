@@ -11,7 +11,7 @@ To run the GPU stages on one actor, co-locate them in the job spec
 with the same device and vae_dtype share one AE.
 Stage options: vae_transform / vit_transform ([max, min, stride], prepare); emit_latents
 (vae_decode); vae_dtype (VAE stages; default: the stage dtype -- float32 is what the
-reference app uses for the VAE); lmm: quantize (nf4 | int8, bitsandbytes on CUDA),
+reference app uses for the VAE); lmm: quantize (nf4 | int8, bitsandbytes on CUDA; fp8: e4m3 GEMMs),
 attention (split | masked, see modeling/bagel/attn.py), compile (bool), split_devices (N: the
 LLM layers split across the actor's first N GPUs, for `num_gpus: N`; modeling/layer_split.py).
 Edit outputs take the input's resized size (row width/height are ignored); t2i sizes
@@ -62,6 +62,9 @@ class _ImageParams(TextParams):
     cfg_renorm_min: Unit = T2I_DEFAULTS.cfg_renorm_min
     timestep_shift: Annotated[float, Field(strict=True, ge=1e-3, le=1000.0)] = T2I_DEFAULTS.timestep_shift
     num_timesteps: Annotated[int, Field(strict=True, ge=2, le=1000)] = T2I_DEFAULTS.num_timesteps
+    # approximate, off at 1: the model runs every Nth step, the velocity is extrapolated between
+    step_cache_interval: Annotated[int, Field(strict=True, ge=1, le=100)] = T2I_DEFAULTS.step_cache_interval
+    step_cache_warmup: Annotated[int, Field(strict=True, ge=2, le=1000)] = T2I_DEFAULTS.step_cache_warmup
 
     @model_validator(mode="after")
     def _interval(self):
