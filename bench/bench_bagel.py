@@ -19,7 +19,7 @@ batch (bench/profile_bagel_step.py). --reference PATH: then the reference's own 
 (ByteDance-Seed/Bagel copied to PATH; its bench from --ref-tools, default .bagel-tools/) at the
 same sizes and steps, batch 1, in a subprocess on the same GPU, and the ratio (bench/bagel_ref.py).
 --approx VARIANT...: then the optional approximate speed-ups at the largest size and batch, each
-beside the exact path timed again in the same state: fp8 (the LLM's decoder GEMMs in FP8,
+beside the exact path's run at that size and batch in the table above: fp8 (the LLM's decoder GEMMs in FP8,
 modeling/bagel/quant.py), cache:N (the step cache: the model every Nth step) or fp8+cache:N;
 with each one's drift from the exact path at the same seeds (final latents' relative L2, decoded
 images' PSNR). FP8 converts the model in place, so fp8 variants run after the bf16 ones.
@@ -183,8 +183,9 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def approx(model, ae, variants: list[str], size: int, batch: int, steps: int, mode: str, compiled: bool,
-           device: str) -> None:
-    """Time each variant beside the exact path (same seeds, same warm state) and print its drift."""
+           device: str, exact: tuple[float, list]) -> None:
+    """Time each variant beside the exact path (same seeds, same warm state; `exact`: its time
+    and outputs from the main table) and print its drift."""
     from modeling.bagel.quant import quantize_llm
 
     def timed(**params):
@@ -196,7 +197,7 @@ def approx(model, ae, variants: list[str], size: int, batch: int, steps: int, mo
 
     print("\n| variant | size | batch | s/image | images/hour | x exact | latents rel L2 (max) | PSNR dB (min / mean) |")
     print("|---|---|---|---|---|---|---|---|")
-    dt0, exact = timed()
+    dt0, exact_out = exact
     print(f"| exact | {size}² | {batch} | {dt0 / batch:.2f} | {3600 * batch / dt0:.0f} | 1.00 | 0 | inf |", flush=True)
     quantised = False
     for v in sorted(variants, key=lambda v: "fp8" in v):  # bf16 variants before the in-place FP8 conversion
@@ -208,8 +209,8 @@ def approx(model, ae, variants: list[str], size: int, batch: int, steps: int, mo
             quantised = True
         interval = next((int(p[6:]) for p in v.split("+") if p.startswith("cache:")), 1)
         dt, out = timed(step_cache_interval=interval)
-        rel = max(float((x - x0).norm() / x0.norm()) for (x, _), (x0, _) in zip(out, exact))
-        p = [psnr(img, img0) for (_, img), (_, img0) in zip(out, exact)]
+        rel = max(float((x - x0).norm() / x0.norm()) for (x, _), (x0, _) in zip(out, exact_out))
+        p = [psnr(img, img0) for (_, img), (_, img0) in zip(out, exact_out)]
         print(f"| {v} | {size}² | {batch} | {dt / batch:.2f} | {3600 * batch / dt:.0f} | {dt0 / dt:.2f} | {rel:.2e} "
               f"| {min(p):.1f} / {sum(p) / len(p):.1f} |", flush=True)
 
@@ -298,8 +299,11 @@ def main(argv: list[str] | None = None) -> int:
             for b in batches:
                 if args.compile:  # compile (and recompile for this batch's shapes, CFG on and off) before timing
                     run_t2i(model, ae, size, b, 6, mode)
-                dt, peak = measure(lambda: run_t2i(model, ae, size, b, steps, mode), device)
+                out: list = []
+                dt, peak = measure(lambda: out.extend(run_t2i(model, ae, size, b, steps, mode)), device)
                 ours[size, b, label] = dt / b
+                if (size, b) == (max(sizes), max(batches)):
+                    exact = dt, out  # --approx's baseline (the last mode's)
                 print(f"| t2i | {size}² | {b} | {dt:.2f} | {dt / b:.2f} | {3600 * b / dt:.0f} | {1000 * dt / (steps - 1):.0f} "
                       f"| {peak:.1f} | {label} |", flush=True)
         if not args.no_edit:
@@ -315,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# measured above: {1000 * ours[size, b, args.attention[-1]] * b / (steps - 1):.0f} ms per step "
               f"(whole loop incl. prefill and VAE decode, / {steps - 1})", flush=True)
     if args.approx:
-        approx(model, ae, args.approx, max(sizes), max(batches), steps, use(args.attention[-1]), args.compile, device)
+        approx(model, ae, args.approx, max(sizes), max(batches), steps, use(args.attention[-1]), args.compile, device,
+               exact)
     if args.reference:
         del model, ae  # the reference builds its own model: give it the GPU's memory
         gc.collect()

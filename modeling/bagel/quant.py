@@ -1,5 +1,5 @@
 """Weight quantisation of the BAGEL LLM's decoder layers: NF4 / INT8 through bitsandbytes
-(CUDA only), or FP8 (e4m3) GEMMs through torch's scaled matmul.
+(CUDA only), or FP8 (e4m3) GEMMs through torch's scaled matmul (`torch._scaled_mm`, row-wise scales).
 
 Every Linear of the LLM's decoder layers (both experts: attention projections and MLPs) is
 replaced; embeddings, lm_head, the ViT, the connector and the latent bridges keep the load
@@ -11,7 +11,6 @@ FP8's speed and its drift from the exact path.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 MODES = ("nf4", "int8", "fp8")
@@ -26,7 +25,8 @@ class Fp8Linear(nn.Module):
     scaled GEMM that accumulates in float32 and writes bfloat16. Per-token and per-channel
     scales keep the one outlier token or channel from costing everyone else their precision,
     which a single tensor-wide scale would. Why not torchao: one small module over the public
-    `F.scaled_mm` does what is needed here, without another dependency that pins torch."""
+    `torch._scaled_mm` does what is needed here, without another dependency that pins torch
+    (the public `F.scaled_mm` is newer than the torch some GPU images carry)."""
 
     def __init__(self, lin: nn.Linear, device: torch.device | str):
         super().__init__()
@@ -42,10 +42,10 @@ class Fp8Linear(nn.Module):
         xf = x2.float()
         scale = (xf.abs().amax(dim=1, keepdim=True) / E4M3_MAX).clamp(min=1e-12)  # [M, 1]
         xq = (xf / scale).to(torch.float8_e4m3fn)
-        rw = F.ScalingType.RowWise
         # weight.t() is the column-major [in, out] operand the FP8 GEMM wants; the bias is added
         # after it, in x's dtype, the same on every backend
-        y = F.scaled_mm(xq, self.weight.t(), scale, rw, self.weight_scale, rw, output_dtype=torch.bfloat16).to(x.dtype)
+        y = torch._scaled_mm(xq, self.weight.t(), scale_a=scale, scale_b=self.weight_scale,
+                             out_dtype=torch.bfloat16).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
