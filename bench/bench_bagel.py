@@ -182,6 +182,25 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
+def fp8_gemm_micro(p, tokens: int, device: str, compiled: bool, iters: int = 20) -> None:
+    """One MLP up-projection of a CFG step ([tokens, D] x [D, 4D']) in bf16 and through
+    Fp8Linear (its per-token activation quantisation included): the ceiling of FP8's gain."""
+    from modeling.bagel.quant import Fp8Linear
+
+    lin = torch.nn.Linear(p.hidden_size, p.intermediate_size, bias=False, device=device, dtype=torch.bfloat16)
+    fp8 = Fp8Linear(lin, device)
+    if compiled:
+        fp8.compile(dynamic=True)
+    x = torch.randn(tokens, p.hidden_size, device=device, dtype=torch.bfloat16)
+    flop = 2 * tokens * p.hidden_size * p.intermediate_size
+    for name, f in (("bf16", lin), ("fp8", fp8)):
+        with torch.inference_mode():
+            f(x)
+            dt, _ = measure(lambda: [f(x) for _ in range(iters)], device)
+        print(f"# {name} GEMM [{tokens}, {p.hidden_size}] x [{p.hidden_size}, {p.intermediate_size}]: "
+              f"{1000 * dt / iters:.2f} ms, {flop * iters / dt / 1e12:.0f} TFLOP/s", flush=True)
+
+
 def approx(model, ae, variants: list[str], size: int, batch: int, steps: int, mode: str, compiled: bool,
            device: str, exact: tuple[float, list]) -> None:
     """Time each variant beside the exact path (same seeds, same warm state; `exact`: its time
@@ -195,6 +214,8 @@ def approx(model, ae, variants: list[str], size: int, batch: int, steps: int, mo
         dt, _ = measure(lambda: out.extend(run_t2i(model, ae, size, batch, steps, mode, **params)), device)
         return dt, out
 
+    if any("fp8" in v for v in variants):
+        fp8_gemm_micro(model.params, batch * 2 * ((size // model.params.latent_downsample) ** 2 + 2), device, compiled)
     print("\n| variant | size | batch | s/image | images/hour | x exact | latents rel L2 (max) | PSNR dB (min / mean) |")
     print("|---|---|---|---|---|---|---|---|")
     dt0, exact_out = exact

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modeling.bagel.layers import KVCache, Plan, RMSNorm, apply_rope, attention, rope_cos_sin
+from modeling.bagel.quant import Fp8Linear
 from modeling.bagel.vit import SiglipParams, SiglipVisionModel
 from modeling.layer_split import LayerSplit
 
@@ -280,13 +281,17 @@ class Bagel(nn.Module):
 
     def compile_blocks(self) -> None:
         """torch.compile the LLM layers' RMSNorms, RoPE and MLPs (fuses their float32 and
-        elementwise work); attention, routing and the bridges stay eager. Dynamic shapes, so
+        elementwise work), and FP8 projections where quantize_llm made them; attention, routing
+        and the bridges stay eager. Dynamic shapes, so
         batches of other sizes reuse the graphs."""
         rope = torch.compile(apply_rope, dynamic=True)
         for layer in self.language_model.model.layers:
             layer.self_attn.rope = rope
             for m in layer.modules():
                 if isinstance(m, (RMSNorm, Qwen2MLP)):
+                    m.compile(dynamic=True)
+            for m in layer.self_attn.children():  # FP8 projections: fuse their per-token quantisation
+                if isinstance(m, Fp8Linear):
                     m.compile(dynamic=True)
         for m in (self.language_model.model.norm, self.language_model.model.norm_moe_gen):
             m.compile(dynamic=True)
