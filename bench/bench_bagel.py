@@ -17,7 +17,9 @@ timing, the relative L2 distance between the final latents of each mode and the 
 --profile: after the timings, torch.profiler over one CFG denoising forward at the largest size and
 batch (bench/profile_bagel_step.py). --reference PATH: then the reference's own inferencer
 (ByteDance-Seed/Bagel copied to PATH; its bench from --ref-tools, default .bagel-tools/) at the
-same sizes and steps, batch 1, in a subprocess on the same GPU, and the ratio (bench/bagel_ref.py).
+same sizes and steps, batch 1, in a subprocess on the same GPU, and the ratio (bench/bagel_ref.py);
+unless --no-edit, also the reference's edit of an image of the largest size (bench/bagel_ref_edit.py)
+beside genfleet's edit row (--edit-batch edits per batch).
 --approx VARIANT...: then the optional approximate speed-ups at the largest size and batch, each
 beside the exact path's run at that size and batch in the table above: fp8 (the LLM's decoder GEMMs in FP8,
 modeling/bagel/quant.py), cache:N (the step cache: the model every Nth step) or fp8+cache:N;
@@ -236,19 +238,22 @@ def approx(model, ae, variants: list[str], size: int, batch: int, steps: int, mo
               f"| {min(p):.1f} / {sum(p) / len(p):.1f} |", flush=True)
 
 
-def run_edit(model, ae, size: int, steps: int, vae_rule: ResizeRule, vit_rule: ResizeRule, attention: str = "split") -> None:
+def run_edit(model, ae, size: int, steps: int, vae_rule: ResizeRule, vit_rule: ResizeRule, attention: str = "split",
+             batch: int = 1) -> None:
+    """`batch` edits of size x size noise images, each with its own instruction, in one denoise."""
     from PIL import Image
 
-    img = Image.effect_noise((size, size), 64).convert("RGB")
-    prep = prepare_image(img, vae_rule, vit_rule)
     dev = model.vae2llm.weight.device
-    with torch.inference_mode():
-        lat = ae.encode(prep.vae_pixels[None].to(dev), [torch.Generator().manual_seed(0)])[0]
-    H, W = prep.vae_pixels.shape[-2:]
-    row = S.ImageRow(prompts(model, 1, 99)[0], H, W, S.get_noise(model, H, W, torch.Generator().manual_seed(0)),
-                     S.replace(S.EDIT_DEFAULTS, num_timesteps=steps), lat, prep.vit_patches, prep.vit_grid)
-    (x,) = S.denoise(model, [row], SPECIAL, attention=attention)
-    S.decode_to_uint8(ae, S.unpack_latent(model, x, H, W))
+    rows = []
+    for i, ids in enumerate(prompts(model, batch, 99)):
+        prep = prepare_image(Image.effect_noise((size, size), 64 + i).convert("RGB"), vae_rule, vit_rule)
+        with torch.inference_mode():
+            lat = ae.encode(prep.vae_pixels[None].to(dev), [torch.Generator().manual_seed(i)])[0]
+        H, W = prep.vae_pixels.shape[-2:]
+        rows.append(S.ImageRow(ids, H, W, S.get_noise(model, H, W, torch.Generator().manual_seed(i)),
+                               S.replace(S.EDIT_DEFAULTS, num_timesteps=steps), lat, prep.vit_patches, prep.vit_grid))
+    for row, x in zip(rows, S.denoise(model, rows, SPECIAL, attention=attention)):
+        S.decode_to_uint8(ae, S.unpack_latent(model, x, row.height, row.width))
 
 
 def measure(fn, device: str) -> tuple[float, float]:
@@ -274,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--no-edit", action="store_true")
+    ap.add_argument("--edit-batch", type=int, default=1, help="edits per batch (input images of the largest size)")
     ap.add_argument("--attention", nargs="+", default=["split"], type=attention_mode,
                     help="masked | split | split:KERNEL (KERNEL first for the unmasked image part: "
                          + ", ".join(attn.UNMASKED_ORDER) + ")")
@@ -311,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare:
         compare(model, args.attention, max(sizes), min(steps, 10))
     ours: dict[tuple[int, int, str], float] = {}
+    ours_edit: dict[tuple[int, int, str], float] = {}
     print("| task | size | batch | s/batch | s/image | images/hour | ms/step (batch) | peak GiB | attention |")
     print("|---|---|---|---|---|---|---|---|---|")
     for label in args.attention:
@@ -328,10 +335,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| t2i | {size}² | {b} | {dt:.2f} | {dt / b:.2f} | {3600 * b / dt:.0f} | {1000 * dt / (steps - 1):.0f} "
                       f"| {peak:.1f} | {label} |", flush=True)
         if not args.no_edit:
-            size = max(sizes)
+            size, eb = max(sizes), args.edit_batch
             run_edit(model, ae, size, 2, vae_rule, vit_rule, mode)
-            dt, peak = measure(lambda: run_edit(model, ae, size, steps, vae_rule, vit_rule, mode), device)
-            print(f"| edit | {size}² in | 1 | {dt:.2f} | {dt:.2f} | {3600 / dt:.0f} | {1000 * dt / (steps - 1):.0f} "
+            if args.compile:
+                run_edit(model, ae, size, 6, vae_rule, vit_rule, mode, eb)
+            dt, peak = measure(lambda: run_edit(model, ae, size, steps, vae_rule, vit_rule, mode, eb), device)
+            ours_edit[size, eb, label] = dt / eb
+            print(f"| edit | {size}² in | {eb} | {dt:.2f} | {dt / eb:.2f} | {3600 * eb / dt:.0f} | {1000 * dt / (steps - 1):.0f} "
                   f"| {peak:.1f} | {label} |", flush=True)
     print(f"\n# attention kernels (self-checked against the math): {attn.kernels_checked() or 'none used (CPU: math)'}")
     if args.profile:
@@ -348,9 +358,14 @@ def main(argv: list[str] | None = None) -> int:
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
         ref = bagel_ref.run_reference(Path(args.reference), tools, sizes, steps, args.tiny)
+        ref_edit = {} if args.no_edit else bagel_ref.run_reference_edit(Path(args.reference), tools, max(sizes), steps,
+                                                                         args.tiny)
         bagel_ref.print_comparison(ours, ref, steps)
-        if len(ref) < len(sizes):
-            print(f"# reference figures missing for sizes {sorted(set(sizes) - set(ref))}", flush=True)
+        if not args.no_edit:
+            bagel_ref.print_comparison(ours_edit, ref_edit, steps, task="edit")
+        if len(ref) < len(sizes) or (not args.no_edit and not ref_edit):
+            print(f"# reference figures missing: t2i sizes {sorted(set(sizes) - set(ref))}"
+                  f"{'' if args.no_edit or ref_edit else ', edit'}", flush=True)
             return 1
     return 0
 
