@@ -5,6 +5,12 @@
 Builds the same random-weight unet as bench_dalle2.py and profiles a few forwards of the
 guided batch (cond + uncond = 2 x batch) with torch.profiler; prints the kernels that take the
 most GPU time and the share of each kind (convolution, GEMM, attention, normalisation, other).
+
+    python bench/profile_dalle2_unet.py --batch 64 --count
+
+--count needs no GPU: one forward on the meta device prints its FLOPs by op
+(torch.utils.flop_counter) and the bytes the GroupNorms write, with the floor those give at
+given matrix and memory rates (--tflops, --tbps: what these machines measure).
 """
 
 from __future__ import annotations
@@ -33,6 +39,29 @@ def kind(name: str) -> str:
     return next((k for k, keys in KINDS if any(s in low for s in keys)), "other")
 
 
+def count(unet, args, inputs) -> None:
+    """FLOPs by op and GroupNorm output bytes of one forward, on the meta device; the floor they give."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    written = []
+    hooks = [m.register_forward_hook(lambda m, i, out: written.append(out.numel() * out.element_size()))
+             for m in unet.modules() if isinstance(m, torch.nn.GroupNorm)]
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        unet(*inputs[:2], image_embed=inputs[2], text_encodings=inputs[3], drop=inputs[4])
+    for h in hooks:
+        h.remove()
+    flops = {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
+    conv, total = flops.get("aten.convolution", 0), fc.get_total_flops()
+    gn = sum(written)
+    print(f"one forward of {inputs[0].shape[0]}: {total / 1e12:.2f} TFLOP, " + ", ".join(
+        f"{k} {v / 1e12:.2f}" for k, v in sorted(flops.items(), key=lambda kv: -kv[1])))
+    # a GroupNorm (+ scale/shift + SiLU, fused) reads its input twice (statistics, then normalise) and writes once
+    print(f"{len(written)} GroupNorms write {gn / 1e9:.2f} GB; read twice and written once: {3 * gn / 1e9:.2f} GB")
+    t_conv, t_gn, t_rest = conv / args.tflops / 1e9, 3 * gn / args.tbps / 1e9, (total - conv) / args.tflops / 1e9
+    print(f"floor at {args.tflops:.0f} TFLOP/s and {args.tbps:.1f} TB/s: convolutions {t_conv:.1f} ms + GroupNorms "
+          f"{t_gn:.1f} ms + other matmuls {t_rest:.1f} ms = {t_conv + t_gn + t_rest:.1f} ms per forward")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=64)
@@ -40,7 +69,19 @@ def main(argv=None) -> int:
     ap.add_argument("--no-channels-last", action="store_true")
     ap.add_argument("--steps", type=int, default=5, help="profiled forwards")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--count", action="store_true", help="FLOPs and GroupNorm bytes on the meta device, and their floor")
+    ap.add_argument("--tflops", type=float, default=788.0, help="--count: the bf16 matrix rate (a plain 8192³ product)")
+    ap.add_argument("--tbps", type=float, default=4.3, help="--count: memory bandwidth, bytes read + written")
     args = ap.parse_args(argv)
+    if args.count:
+        args.tiny, args.no_channels_last = False, True
+        _, decoder, unet = build(args, "meta", torch.bfloat16)
+        p, b, size = decoder.params.unets[0], 2 * args.batch, decoder.params.image_sizes[0]
+        meta = dict(device="meta", dtype=torch.bfloat16)
+        count(unet, args, (torch.randn(b, 3, size, size, **meta), torch.zeros(b, dtype=torch.long, device="meta"),
+                           torch.randn(b, p.image_embed_dim, **meta), torch.randn(b, 77, p.text_embed_dim, **meta),
+                           torch.arange(b, device="meta") >= args.batch))
+        return 0
     args.tiny = not torch.cuda.is_available()  # a CPU smoke run of the script itself
     dev, dtype = ("cpu", torch.float32) if args.tiny else ("cuda", torch.bfloat16)
     torch.backends.cudnn.benchmark = True
