@@ -24,9 +24,10 @@ class Fp8Linear(nn.Module):
     Each call scales x per token to e4m3 (dynamic row-wise scales, amax / 448) and runs one
     scaled GEMM that accumulates in float32 and writes bfloat16. Per-token and per-channel
     scales keep the one outlier token or channel from costing everyone else their precision,
-    which a single tensor-wide scale would. Why not torchao: one small module over the public
-    `torch._scaled_mm` does what is needed here, without another dependency that pins torch
-    (the public `F.scaled_mm` is newer than the torch some GPU images carry)."""
+    which a single tensor-wide scale would. Why not torchao: one small module over
+    `torch._scaled_mm` does what is needed here, without another dependency that pins torch.
+    (`torch._scaled_mm` is private but has kept its form since torch 2.5; the public
+    `F.scaled_mm` is newer than the torch some GPU images carry.)"""
 
     def __init__(self, lin: nn.Linear, device: torch.device | str):
         super().__init__()
