@@ -1,9 +1,15 @@
 """Outputs of existing jobs do not change across versions: the BAGEL and DALLE2 demo jobs
-(tiny models from the families' writers, seed 0) give the image bytes recorded with the
-code at 2ea5c45, before the family contract v2."""
+(tiny models from the families' writers, seed 0) give the images that the code at 2ea5c45,
+before the family contract v2, wrote (tests/golden/FAMILY/ID_SAMPLEINDEX.png).
 
-import hashlib
+On one machine the code writes the same bytes as 2ea5c45 (checked on 2026-12-03: every hash
+equal). Across CPUs it cannot: their float32 kernels round differently (vector width, fused
+multiply-adds), and a few pixels land one level apart, so the bytes differ while the images do
+not. The test therefore compares pixels: at most 2 levels apart, at most 1% of them apart at
+all. A change to what a job makes (a seed, a sampler step, a resize) moves far more than that."""
+
 import io
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -15,6 +21,8 @@ from jobs.driver import run_job
 from pipeline.families import get_family
 from pipeline.spec import load_spec
 
+GOLDEN_DIR = Path(__file__).parent / "golden"
+MAX_LEVELS, MAX_SHARE = 2, 0.01
 PROMPTS = ["a red cube on a table", "a lighthouse at dusk", "two cats on a sofa", "a bowl of ramen, top view",
            "a watercolor fox", "a city street in the rain"]
 SETTINGS = {  # the demo settings of 2ea5c45
@@ -22,15 +30,6 @@ SETTINGS = {  # the demo settings of 2ea5c45
               "stages.prepare.options.vae_transform=[128,64,16]", "stages.prepare.options.vit_transform=[112,28,14]"],
     "dalle2": ["sampler.t2i.prior_steps=8", "sampler.t2i.decoder_steps=8", "sampler.variation.decoder_steps=8",
                "sampler.edit.prior_steps=8", "sampler.edit.decoder_steps=8", "sampler.edit.inpaint_resample_times=2"],
-}
-# sha256[:16] of each image's bytes, and the understand answer, as the code at 2ea5c45 wrote them
-GOLDEN = {
-    "bagel": {"edit-0/0": "8a71e7cb3cef902b", "t2i-0/0": "29a9dfa490fb623f", "t2i-0/1": "b53f6bbe777885b2",
-              "t2i-1/0": "59101433cbd393fb", "t2i-2/0": "87fb5263ee924b08", "t2i-3/0": "fed8219510e787f9",
-              "t2i-4/0": "00ebed95fe11b687", "t2i-5/0": "c7f024c6d193de15"},
-    "dalle2": {"inpaint-0/0": "f8c75089cc92da57", "t2i-0/0": "c1582c85166338f5", "t2i-0/1": "78956744e8af7ef7",
-               "t2i-1/0": "b9e278669498ee9d", "t2i-2/0": "39a730a25220bbf4", "t2i-3/0": "b8bd86ce4c29adad",
-               "t2i-4/0": "b2067234f4c8d039", "t2i-5/0": "46db0e77fc226b20", "variation-0/0": "37366b2824aa4da9"},
 }
 GOLDEN_TEXT = {"understand-0/0": "BBypple\u042dwnLlori\u0013"}
 
@@ -78,8 +77,13 @@ def test_demo_job_bytes_are_unchanged(ray_cluster, tmp_path, family):
     result = run_job(spec, interactive=False)
     assert result["status"] == "completed" and result["errors_by_kind"] == {"empty_prompt": 1}
     images = pq.read_table(tmp_path / "out" / "images").to_pylist()
-    got = {f"{r['id']}/{r['sample_index']}": hashlib.sha256(r["image"]["bytes"]).hexdigest()[:16] for r in images}
-    assert got == GOLDEN[family]
+    got = {f"{r['id']}_{r['sample_index']}": np.asarray(Image.open(io.BytesIO(r["image"]["bytes"]))) for r in images}
+    golden = {p.stem: np.asarray(Image.open(p)) for p in sorted((GOLDEN_DIR / family).glob("*.png"))}
+    assert sorted(got) == sorted(golden)
+    for key, want in golden.items():
+        assert got[key].shape == want.shape, key
+        apart = np.abs(got[key].astype(np.int16) - want.astype(np.int16))
+        assert apart.max() <= MAX_LEVELS and (apart > 0).mean() <= MAX_SHARE, (key, int(apart.max()), float((apart > 0).mean()))
     if family == "bagel":
         texts = pq.read_table(tmp_path / "out" / "texts").to_pylist()
         assert {f"{r['id']}/{r['sample_index']}": r["text"] for r in texts} == GOLDEN_TEXT
