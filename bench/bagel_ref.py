@@ -1,8 +1,7 @@
 """The BAGEL reference (ByteDance-Seed/Bagel's own InterleaveInferencer), timed in a subprocess.
 
 bench_bagel.py --reference PATH calls `run_reference` (t2i) and, unless --no-edit,
-`run_reference_edit`, and with a step cache in --approx `run_reference_taylorseer` (both
-bench/bagel_ref_inferencer.py) after its own figures, on the same GPU:
+`run_reference_edit` (bench/bagel_ref_edit.py) after its own figures, on the same GPU:
 PATH is a copy of the reference's `modeling/`, `data/` and `inferencer.py`; `tools` is a copy of
 shared/tools/bagel-ref (its bench.py, the flash-attn stand-in and the transformers-5 shims).
 Nothing of the reference is imported here: it runs from its own copy, in its own process.
@@ -19,7 +18,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 REF_LINE = re.compile(r"REF t2i (\d+)x\d+ steps=\d+ cfg_img=[\d.]+: ([\d.]+) s/image")
 REF_EDIT_LINE = re.compile(r"REF edit (\d+)x\d+ steps=\d+: ([\d.]+) s/image")
-REF_TAYLORSEER_LINE = re.compile(r"REF taylorseer (\d+)x\d+ steps=\d+: exact ([\d.]+) s, taylorseer ([\d.]+) s, PSNR ([\d.]+|inf) dB")
 NOISY = re.compile(r"\d+%\||it/s\]|s/it\]")  # tqdm progress bars
 
 
@@ -32,10 +30,8 @@ def find_tools(path: str | None) -> Path:
     raise SystemExit(f"no reference bench (bench.py) in {', '.join(map(str, options))}")
 
 
-def _run(cmd: list[str], ref: Path, pattern: re.Pattern, found: list | None = None) -> dict[int, float]:
-    """Run one reference bench command, echoing its output; {size: s/image} from the lines `pattern`
-    matches (group 1: size, group 2: seconds), and each match's groups after the first, as floats,
-    appended to `found`."""
+def _run(cmd: list[str], ref: Path, pattern: re.Pattern) -> dict[int, float]:
+    """Run one reference bench command, echoing its output; {size: s/image} from the lines `pattern` matches."""
     if not (ref / "inferencer.py").is_file() or not (ref / "modeling").is_dir():
         raise SystemExit(f"--reference {ref}: expected the reference's modeling/, data/ and inferencer.py there")
     env = dict(os.environ, BAGEL_REF=str(ref.resolve()), PYTHONUNBUFFERED="1")
@@ -50,8 +46,6 @@ def _run(cmd: list[str], ref: Path, pattern: re.Pattern, found: list | None = No
                 m = pattern.search(part)
                 if m:
                     got[int(m.group(1))] = float(m.group(2))
-                    if found is not None:
-                        found.append(tuple(float(g) for g in m.groups()[1:]))
     if proc.returncode:
         print(f"# reference bench exited with {proc.returncode}", flush=True)
     return got
@@ -63,23 +57,12 @@ def run_reference(ref: Path, tools: Path, sizes: list[int], steps: int, tiny: bo
     return _run(cmd + (["--tiny"] if tiny else []), ref, REF_LINE)
 
 
-def _inferencer(tools: Path, task: str, size: int, steps: int, tiny: bool) -> list[str]:
-    return [sys.executable, str(Path(__file__).with_name("bagel_ref_inferencer.py")), "--tools", str(tools), "--task", task,
-            "--size", str(size), "--steps", str(steps)] + (["--tiny"] if tiny else [])
-
-
 def run_reference_edit(ref: Path, tools: Path, size: int, steps: int, tiny: bool) -> dict[int, float]:
-    """The reference's edit of a size x size image, batch 1; {size: s/image}, keyed by the input's
-    size as genfleet's edit row."""
-    got = _run(_inferencer(tools, "edit", size, steps, tiny), ref, REF_EDIT_LINE)
-    return {size: s for s in got.values()}
-
-
-def run_reference_taylorseer(ref: Path, tools: Path, size: int, steps: int, tiny: bool) -> tuple[float, float, float] | None:
-    """The reference's t2i exact and with its TaylorSeer cache, same seed: (exact s, cached s, PSNR dB)."""
-    found: list[tuple[float, float, float]] = []
-    _run(_inferencer(tools, "taylorseer", size, steps, tiny), ref, REF_TAYLORSEER_LINE, found)
-    return found[0] if found else None
+    """Run bench/bagel_ref_edit.py (the reference's edit of a size x size image, batch 1); {size: s/image}."""
+    cmd = [sys.executable, str(Path(__file__).with_name("bagel_ref_edit.py")), "--tools", str(tools),
+           "--size", str(size), "--steps", str(steps)]
+    got = _run(cmd + (["--tiny"] if tiny else []), ref, REF_EDIT_LINE)
+    return {size: s for s in got.values()}  # keyed by the input's size, as genfleet's edit row
 
 
 def print_comparison(ours: dict[tuple[int, int, str], float], ref: dict[int, float], steps: int, task: str = "t2i") -> None:

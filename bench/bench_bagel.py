@@ -18,9 +18,8 @@ timing, the relative L2 distance between the final latents of each mode and the 
 batch (bench/profile_bagel_step.py). --reference PATH: then the reference's own inferencer
 (ByteDance-Seed/Bagel copied to PATH; its bench from --ref-tools, default .bagel-tools/) at the
 same sizes and steps, batch 1, in a subprocess on the same GPU, and the ratio (bench/bagel_ref.py);
-unless --no-edit, also the reference's edit of an image of the largest size beside genfleet's edit
-row (--edit-batch edits per batch), and with --approx cache:N the reference's own TaylorSeer cache
-at the largest size, its speed-up and PSNR against its exact path (bench/bagel_ref_inferencer.py).
+unless --no-edit, also the reference's edit of an image of the largest size (bench/bagel_ref_edit.py)
+beside genfleet's edit row (--edit-batch edits per batch).
 --approx VARIANT...: then the optional approximate speed-ups at the largest size and batch, each
 beside the exact path's run at that size and batch in the table above: fp8 (the LLM's decoder GEMMs in FP8,
 modeling/bagel/quant.py), cache:N (the step cache: the model every Nth step) or fp8+cache:N;
@@ -364,16 +363,6 @@ def main(argv: list[str] | None = None) -> int:
         bagel_ref.print_comparison(ours, ref, steps)
         if not args.no_edit:
             bagel_ref.print_comparison(ours_edit, ref_edit, steps, task="edit")
-        if any("cache" in v for v in args.approx):
-            seer = bagel_ref.run_reference_taylorseer(Path(args.reference), tools, max(sizes), steps, args.tiny)
-            if seer is None:
-                print("# reference TaylorSeer figure missing", flush=True)
-                return 1
-            t_exact, t_seer, db = seer
-            print(f"\n| reference, batch 1 | size | s/image | x its exact | PSNR dB vs its exact |\n|---|---|---|---|---|\n"
-                  f"| exact | {max(sizes)}² | {t_exact:.2f} | 1.00 | inf |\n"
-                  f"| TaylorSeer (full step every 3rd after 5) | {max(sizes)}² | {t_seer:.2f} | {t_exact / t_seer:.2f} "
-                  f"| {db:.1f} |", flush=True)
         if len(ref) < len(sizes) or (not args.no_edit and not ref_edit):
             print(f"# reference figures missing: t2i sizes {sorted(set(sizes) - set(ref))}"
                   f"{'' if args.no_edit or ref_edit else ', edit'}", flush=True)
