@@ -39,21 +39,21 @@ def kind(name: str) -> str:
     return next((k for k, keys in KINDS if any(s in low for s in keys)), "other")
 
 
-def count(unet, args, inputs) -> None:
-    """FLOPs by op and GroupNorm output bytes of one forward, on the meta device; the floor they give."""
+def count(unet, step, images: int, args) -> None:
+    """FLOPs by op and GroupNorm output bytes of one forward (`step`, on the meta device); the floor they give."""
     from torch.utils.flop_counter import FlopCounterMode
 
     written = []
     hooks = [m.register_forward_hook(lambda m, i, out: written.append(out.numel() * out.element_size()))
              for m in unet.modules() if isinstance(m, torch.nn.GroupNorm)]
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        unet(*inputs[:2], image_embed=inputs[2], text_encodings=inputs[3], drop=inputs[4])
+        step()
     for h in hooks:
         h.remove()
     flops = {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
     conv, total = flops.get("aten.convolution", 0), fc.get_total_flops()
     gn = sum(written)
-    print(f"one forward of {inputs[0].shape[0]}: {total / 1e12:.2f} TFLOP, " + ", ".join(
+    print(f"one forward of {images}: {total / 1e12:.2f} TFLOP, " + ", ".join(
         f"{k} {v / 1e12:.2f}" for k, v in sorted(flops.items(), key=lambda kv: -kv[1])))
     # a GroupNorm (+ scale/shift + SiLU, fused) reads its input twice (statistics, then normalise) and writes once
     print(f"{len(written)} GroupNorms write {gn / 1e9:.2f} GB; read twice and written once: {3 * gn / 1e9:.2f} GB")
@@ -115,20 +115,15 @@ def main(argv=None) -> int:
     ap.add_argument("--tflops", type=float, default=788.0, help="--count: the bf16 matrix rate (a plain 8192³ product)")
     ap.add_argument("--tbps", type=float, default=4.3, help="--count: memory bandwidth, bytes read + written")
     args = ap.parse_args(argv)
-    if args.count:
+    if args.count:  # the released shapes on the meta device: nothing is computed, only counted
         args.tiny, args.no_channels_last = False, True
-        _, decoder, unet = build(args, "meta", torch.bfloat16)
-        p, b, size = decoder.params.unets[0], 2 * args.batch, decoder.params.image_sizes[0]
-        meta = dict(device="meta", dtype=torch.bfloat16)
-        count(unet, args, (torch.randn(b, 3, size, size, **meta), torch.zeros(b, dtype=torch.long, device="meta"),
-                           torch.randn(b, p.image_embed_dim, **meta), torch.randn(b, 77, p.text_embed_dim, **meta),
-                           torch.arange(b, device="meta") >= args.batch))
-        return 0
-    args.tiny = not torch.cuda.is_available()  # a CPU smoke run of the script itself
-    dev, dtype = ("cpu", torch.float32) if args.tiny else ("cuda", torch.bfloat16)
+        dev, dtype = "meta", torch.bfloat16
+    else:
+        args.tiny = not torch.cuda.is_available()  # a CPU smoke run of the script itself
+        dev, dtype = ("cpu", torch.float32) if args.tiny else ("cuda", torch.bfloat16)
     torch.backends.cudnn.benchmark = True
     _, decoder, unet = build(args, dev, dtype)
-    if args.compile and not args.gn_ab:
+    if args.compile and not (args.gn_ab or args.count):
         unet.forward = torch.compile(unet.forward, mode=args.compile)
     p = decoder.params.unets[0]
     b = 2 * args.batch  # guidance: cond and uncond in one forward
@@ -142,6 +137,9 @@ def main(argv=None) -> int:
     def step():
         return unet(x, t, image_embed=img_emb, text_encodings=enc, drop=drop)
 
+    if args.count:
+        count(unet, step, b, args)
+        return 0
     if args.gn_ab:
         gn_ab(unet, step, args.compile)
         return 0
