@@ -67,7 +67,7 @@ def manifest(family):
 
 
 @pytest.mark.parametrize("family", ["bagel", "dalle2"])
-def test_demo_job_bytes_are_unchanged(ray_cluster, tmp_path, family):
+def test_demo_job_images_are_unchanged(ray_cluster, tmp_path, family):
     fam = get_family(family)
     model = fam.write_tiny(str(tmp_path / "model"))
     pq.write_table(manifest(family), tmp_path / "manifest.parquet")
