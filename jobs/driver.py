@@ -27,7 +27,7 @@ from ray.data import ActorPoolStrategy, DataContext
 
 from jobs.nodes import check_cluster
 from jobs.progress import BoardReporter, BoardWatcher
-from jobs.ray_io import ManifestDatasource, OutputDatasink, RunRecord
+from jobs.ray_io import ManifestDatasource, OutputDatasink, RunRecord, Validation
 from jobs.resources import TASK_CPUS, Node, Pool, check_placement, cluster_nodes, local_nodes
 from jobs.writer import ShardWriter
 from pipeline.card import write_card
@@ -55,7 +55,7 @@ from pipeline.sink import OUTPUT_COLUMNS, SinkConfig
 from pipeline.spec import JobSpec, SpecError, StageConfig
 from pipeline.stages import StageGroup
 from pipeline.storage import redact
-from pipeline.validate import ExpandConfig, check_first_rows, end_of_first_pending, expand_block
+from pipeline.validate import ExpandConfig, check_first_rows, end_of_first_pending
 
 log = logging.getLogger("genfleet")
 
@@ -325,11 +325,9 @@ def _pool(replicas) -> ActorPoolStrategy:
 def build_dataset(job: Job, done, report: BoardReporter | None = None):
     """`report`: where the model stages count their samples (jobs/progress.py), or nowhere."""
     spec = job.spec
-    ds = ray.data.read_datasource(ManifestDatasource(job.manifest, job.skip))
     expand = ExpandConfig(family=spec.family, job_seed=spec.seed, sampler=spec.sampler, max_prompt_chars=spec.max_prompt_chars,
                           duplicates=job.plan.duplicates, committed=done, extras=job.extras, end_ordinal=job.end_ordinal)
-    # whole blocks, as the validation actor of earlier versions took them: the same blocks downstream
-    ds = ds.map_batches(expand_block, fn_kwargs={"config": expand}, batch_format="pyarrow", batch_size=None, num_cpus=TASK_CPUS)
+    ds = ray.data.read_datasource(ManifestDatasource(job.manifest, job.skip, Validation.put(expand)))
     if any(t.inputs for t in job.family.tasks.values()):
         i = spec.inputs
         policy = FetchPolicy.for_manifest(spec.manifest.path, allow_local=i.allow_local, allow_urls=i.allow_urls,

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pyarrow as pa
+import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasink, Datasource, ReadTask, WriteResult
 
@@ -26,26 +27,61 @@ from pipeline.resume import CommitLog, begin_run, read_log, write_index
 from pipeline.rows import concat_blocks
 from pipeline.runs import RunEntry, write_run
 from pipeline.sink import ShardResult, SinkConfig, write_shard
+from pipeline.validate import ExpandConfig, expand_block
 
 READ_TASK_ROWS = 50_000
+_CONFIGS: dict[str, ExpandConfig] = {}  # a read worker's validation settings, fetched once per job
+
+
+@dataclass(frozen=True)
+class Validation:
+    """A job's validation settings, in the object store once (their key set can hold 10^7
+    keys), and the token a read worker recognises them by without fetching them again."""
+
+    token: str
+    config: ray.ObjectRef
+
+    @classmethod
+    def put(cls, config: ExpandConfig) -> Validation:
+        return cls(config.token, ray.put(config))
+
+    def get(self) -> ExpandConfig:
+        if self.token not in _CONFIGS:
+            _CONFIGS.clear()  # a worker serves one job at a time
+            _CONFIGS[self.token] = ray.get(self.config)
+        return _CONFIGS[self.token]
 
 
 class ManifestDatasource(Datasource):
     """Read tasks over runs of row groups with work left, streamed in batches with row
-    ordinals; `skip`: file identity -> its row groups with nothing left to do (not read)."""
+    ordinals and validated in the same task (pipeline/validate.py): reading and validation
+    run in as many tasks at once as there are CPUs for them, and never in a stage's actor,
+    as a map step after the read can end up (Ray fuses it into the next actor pool when
+    their resources match). `skip`: file identity -> its row groups with nothing left to do
+    (not read). `validation`: None reads the raw rows (with their ordinals)."""
 
-    def __init__(self, manifest: Manifest, skip: dict[str, frozenset[int]] | None = None):
+    def __init__(self, manifest: Manifest, skip: dict[str, frozenset[int]] | None = None, validation: Validation | None = None):
         super().__init__()
-        self.manifest, self.skip = manifest, skip or {}
+        self.manifest, self.skip, self.validation = manifest, skip or {}, validation
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
         mapping = self.manifest.columns  # each task reads under the runner's column names
+        validation = self.validation
 
         def read(url: str, f: ManifestFile, skip: frozenset[int]):
-            return lambda: read_file_rows(url, f, skip_groups=skip, mapping=mapping)
+            def rows():
+                tables = read_file_rows(url, f, skip_groups=skip, mapping=mapping)
+                if validation is None:
+                    yield from tables
+                    return
+                config = validation.get()
+                for table in tables:
+                    yield expand_block(table, config=config)
+
+            return rows
 
         tasks = []
         for f in self.manifest.files:

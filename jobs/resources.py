@@ -44,10 +44,17 @@ class Pool:
 
 
 def local_gpus() -> tuple[float, str]:
-    """The GPUs a local Ray start will declare by itself (CUDA_VISIBLE_DEVICES applies), and why."""
-    import torch
+    """The GPUs a local Ray start will declare by itself, counted as Ray counts them (NVML, then
+    CUDA_VISIBLE_DEVICES applies; Ray is pinned to one minor version, so its internal counter is
+    stable here), and why. (Counting them with torch would cost the driver torch's import, 2 s.)"""
+    from ray._private.accelerators import get_accelerator_manager_for_resource
 
-    n = torch.cuda.device_count()
+    gpus = get_accelerator_manager_for_resource("GPU")
+    assert gpus is not None, "Ray knows NVIDIA GPUs"
+    n = gpus.get_current_node_num_accelerators()
+    visible = gpus.get_current_process_visible_accelerator_ids()
+    if visible is not None:
+        n = min(n, len(visible))
     return float(n), f"{n} CUDA device(s) visible" if n else "no CUDA device visible"
 
 

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.keys import pair_hashes, shard_name
-from pipeline.rows import from_block
+from pipeline.rows import Embeddings, from_block
 from pipeline.sample import Sample
 from pipeline.score_stats import BOUNDS, stats_of
 from pipeline.storage import filesystem, join, write_atomic
@@ -106,11 +106,14 @@ def _parquet_bytes(table: pa.Table, metadata: dict | None = None) -> bytes:
 
 class Rows:
     """A shard's samples as the block columns they travel in (pipeline/rows.py), with each
-    row's pickled fields restored once (only extras, embeddings and scores are read here)."""
+    row's pickled fields restored once (only extras and scores are read here)."""
 
     def __init__(self, table: pa.Table, rest: list[dict] | None = None, params: dict[bytes, str] | None = None):
         self.table = table
-        self.rest = rest if rest is not None else [{} if b is None else pickle.loads(b) for b in table.column("rest").to_pylist()]
+        if rest is None:
+            packed = table.column("rest")
+            rest = [{}] * len(packed) if packed.null_count == len(packed) else [{} if b is None else pickle.loads(b) for b in packed.to_pylist()]
+        self.rest = rest  # (read only)
         self._sampler = params if params is not None else {}
 
     def __len__(self) -> int:
@@ -190,23 +193,32 @@ def image_bytes(value: dict | bytes | None) -> bytes | None:
 def _embedding_table(rows: Rows) -> pa.Table:
     """A 1-D embedding is a fixed-size float list (its size is the model's, so every shard
     agrees); an N-D one (e.g. a latent whose shape follows the image size) is flattened
-    into a float list with its shape beside it in `<name>_shape`."""
-    embeddings = rows.field("embeddings")
-    names = sorted({n for e in embeddings for n in e})
+    into a float list with its shape beside it in `<name>_shape`. Built from the block's
+    flat buffer of embeddings (pipeline/rows.py), a name at a time."""
+    e = Embeddings.of(rows.table.column("embeddings"))
     cols = _keys(rows)
-    for n in names:
-        vals = [None if e.get(n) is None else np.asarray(e[n], np.float32) for e in embeddings]
-        present = [v for v in vals if v is not None]
-        if all(v.ndim == 1 for v in present):
-            sizes = {v.size for v in present}
+    names = np.array(e.names, object)
+    for n in sorted(set(e.names)):
+        picked = np.flatnonzero(names == n)
+        where = e.rows[picked]  # the rows that have it (a row has each name once)
+        shapes = [e.shapes[k] for k in picked]
+        if all(len(shape) == 1 for shape in shapes):
+            sizes = {shape[0] for shape in shapes}
             if len(sizes) != 1:
                 raise ValueError(f"embedding {n!r} has sizes {sorted(sizes)}: a 1-D embedding must have one size")
             size = sizes.pop()
-            flat = np.concatenate([np.zeros(size, np.float32) if v is None else v for v in vals])  # a null's slots are masked
-            cols[n] = pa.FixedSizeListArray.from_arrays(pa.array(flat), size, mask=pa.array([v is None for v in vals]))
+            flat = np.zeros((len(rows), size), np.float32)  # a null's slots are masked
+            flat[where] = e.values[e.starts[picked][:, None] + np.arange(size)]
+            absent = np.ones(len(rows), bool)
+            absent[where] = False
+            cols[n] = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), size, mask=pa.array(absent))
         else:
-            cols[n] = pa.array([None if v is None else v.reshape(-1) for v in vals], pa.list_(pa.float32()))
-            cols[f"{n}_shape"] = pa.array([None if v is None else list(v.shape) for v in vals], pa.list_(pa.int32()))
+            values: list[np.ndarray | None] = [None] * len(rows)
+            kept: list[list[int] | None] = [None] * len(rows)
+            for k, row in zip(picked.tolist(), where.tolist()):
+                values[row], kept[row] = e.value(k).reshape(-1), e.shapes[k]
+            cols[n] = pa.array(values, pa.list_(pa.float32()))
+            cols[f"{n}_shape"] = pa.array(kept, pa.list_(pa.int32()))
     return pa.table(cols)
 
 
@@ -314,7 +326,7 @@ def write_shard(block: pa.Table, cfg: SinkConfig) -> ShardResult | None:
     ok = status == "ok"
     images = rows.subset(ok & rows.column("image").is_valid().to_numpy(zero_copy_only=False))
     texts = rows.subset(ok & rows.column("text").is_valid().to_numpy(zero_copy_only=False))
-    embedded = rows.subset(ok & np.array([bool(e) for e in rows.field("embeddings")], bool))
+    embedded = rows.subset(ok & (pc.fill_null(pc.list_value_length(rows.column("embeddings")), 0).to_numpy() > 0))
     errors, retries = rows.subset(status == "error"), rows.subset(status == "retry")
     files = {
         "images": (images, lambda: _parquet_bytes(_image_table(images, cfg), HF_FEATURES), "parquet"),

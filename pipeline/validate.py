@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import pickle
 import uuid
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,7 @@ from pipeline.gcpause import gc_paused
 from pipeline.keys import KeySet, content_hashes, pair_hashes
 from pipeline.manifest import ORDINAL, Manifest, ManifestError, read_file_rows
 from pipeline.plan import MAX_SAMPLES_PER_ROW, sample_counts, samples_of
-from pipeline.rows import to_block
+from pipeline.rows import fresh_block, to_block
 from pipeline.sample import RowError, Sample
 from pipeline.storage import redact
 
@@ -165,8 +166,8 @@ _EXPANDERS: dict[str, Expand] = {}
 
 
 def expand_block(table: pa.Table, *, config: ExpandConfig) -> pa.Table:
-    """The batch function of the read tasks (fused with the read: no hop, as many in
-    parallel as there are read tasks); the Expand is built once per worker and job."""
+    """Validate one table of manifest rows, in the read task that read it (jobs/ray_io.py);
+    the Expand is built once per worker and job."""
     expand = _EXPANDERS.get(config.token)
     if expand is None:
         _EXPANDERS.clear()  # a worker serves one job at a time: drop the last one's key set
@@ -251,34 +252,170 @@ class Expand:
             out.append((todo, error_done[r]))
         return out
 
+    def passing(self, table: pa.Table) -> np.ndarray:
+        """Per row: does it surely pass `check`, decided in bulk (Arrow compute over columns)?
+        Conservative: a row it cannot decide so (a task with input images, a number or
+        params of another type than the usual, a prompt without a visible ASCII character,
+        text with invalid UTF-8 anywhere) is left to `check`, which also words every error."""
+        n, names = table.num_rows, set(table.column_names)
+        none = np.zeros(n, bool)
+
+        def col(name: str):
+            return table.column(name) if name in names else None
+
+        def valid(name: str) -> np.ndarray:
+            return pc.is_valid(table.column(name)).to_numpy(zero_copy_only=False)
+
+        def true(mask) -> np.ndarray:
+            return pc.fill_null(mask, False).to_numpy(zero_copy_only=False)
+
+        def is_text(name: str) -> bool:
+            t = table.schema.field(name).type
+            return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+        if not all(is_text(c) for c in ("id", "task", "prompt", "negative_prompt", "params") if c in names):
+            return none
+        try:  # (manifest_rows reads a column with invalid UTF-8 as bytes, and `check` names it)
+            for c in table.column_names:
+                if is_text(c):
+                    table.column(c).validate(full=True)
+        except pa.ArrowInvalid:
+            return none
+        if "id" not in names:
+            return none
+        ok = true(pc.greater(pc.binary_length(table.column("id")), 0))
+        if self.duplicates:
+            ok &= ~np.isin(table.column(ORDINAL).to_numpy(), np.fromiter(self.duplicates, np.int64, len(self.duplicates)))
+        tasks = self.tasks(table)
+        prompt = col("prompt")
+        visible = true(pc.match_substring_regex(prompt, "[!-~]")) if prompt is not None else none
+        for task in set(tasks.to_pylist()) if n else ():
+            spec = self.family.tasks.get(task)
+            rows = true(pc.equal(tasks, task))
+            if spec is None or spec.inputs:
+                ok &= ~rows
+            elif spec.needs_prompt:
+                ok &= ~rows | visible
+        if prompt is not None:
+            ok &= ~valid("prompt") | true(pc.less_equal(pc.utf8_length(prompt), self.max_prompt_chars))
+        for name, lo, hi in (("seed", 0, MAX_SEED), ("width", 1, MAX_SIDE), ("height", 1, MAX_SIDE),
+                             ("num_samples", 1, MAX_SAMPLES_PER_ROW)):
+            values = col(name)
+            if values is None:
+                continue
+            if not pa.types.is_integer(values.type):
+                ok &= ~valid(name)
+                continue
+            ok &= ~valid(name) | true(pc.and_(pc.greater_equal(values, lo), pc.less_equal(values, hi)))
+        return ok
+
+    @staticmethod
+    def tasks(table: pa.Table) -> pa.Array:
+        """Each row's task (null or empty: t2i)."""
+        if "task" not in table.column_names:
+            return pa.array(["t2i"] * table.num_rows, pa.string())
+        task = pc.fill_null(table.column("task").combine_chunks(), "")
+        return pc.if_else(pc.equal(task, ""), "t2i", task).cast(pa.string())
+
+    def params_in_bulk(self, table: pa.Table, tasks: pa.Array, rows: np.ndarray) -> list[bytes | None]:
+        """The pickled params of each row in `rows`, parsed once per distinct (task, text); a
+        row whose params do not parse leaves `rows` (`check` words its error)."""
+        raw = table.column("params").to_pylist() if "params" in table.column_names else [None] * table.num_rows
+        task = tasks.to_pylist()
+        blobs: dict[tuple[str, str | None], bytes | None] = {}
+        out: list[bytes | None] = [None] * table.num_rows
+        for r in np.flatnonzero(rows).tolist():
+            key = (task[r], raw[r])
+            if key not in blobs:
+                try:
+                    blobs[key] = pickle.dumps(self._params(task[r], self.family.tasks[task[r]], raw[r]), protocol=5)
+                except RowError:
+                    blobs[key] = None
+            if blobs[key] is None:
+                rows[r] = False
+            out[r] = blobs[key]
+        return out
+
+    def samples_in_bulk(self, table: pa.Table, rows: np.ndarray, done: np.ndarray, first: np.ndarray, counts: np.ndarray,
+                        contents: np.ndarray) -> tuple[pa.Table, np.ndarray]:
+        """The samples still to make of rows that pass (`passing`, then their params), as one
+        block, and the row each comes from: what `check` and `_expand_row` would make of them,
+        column by column. Rows whose params do not parse leave `rows`."""
+        tasks = self.tasks(table)
+        per_row = self.params_in_bulk(table, tasks, rows)
+        entry_row = np.repeat(np.arange(table.num_rows), counts)
+        index = np.arange(len(entry_row)) - first[entry_row]
+        make = rows[entry_row] & (index < counts[entry_row] - 1) & ~done  # (a row's last entry: its error record)
+        row, index = entry_row[make], index[make]
+        take = pa.array(row, pa.int64())
+        names = set(table.column_names)
+
+        def taken(name: str, type_: pa.DataType) -> pa.Array:
+            if name not in names:
+                return pa.nulls(len(row), type_)
+            return pc.take(table.column(name), take).combine_chunks().cast(type_)
+
+        ids = taken("id", pa.string())
+        seeds = pc.fill_null(taken("seed", pa.int64()), self.job_seed)
+        columns = {
+            "id": ids, "sample_index": pa.array(index, pa.int64()), "task": pc.take(tasks, take),
+            "prompt": taken("prompt", pa.large_string()), "negative_prompt": taken("negative_prompt", pa.large_string()),
+            "seed": seeds, "width": taken("width", pa.int32()), "height": taken("height", pa.int32()),
+            "sample_seed": pa.array([sample_seed(seed, row_id, i) for seed, row_id, i in
+                                     zip(seeds.to_pylist(), ids.to_pylist(), index.tolist())], pa.int64()),
+            "covers": pa.array(np.ones(len(row), np.int32)), "ordinal": taken(ORDINAL, pa.int64()),
+            "content": pa.array(contents[row], pa.uint64()), "params": pa.array([per_row[r] for r in row.tolist()], pa.large_binary()),
+        }
+        if self.extras:
+            extras = {name: pc.take(table.column(col), take).to_pylist() for col, name in self.extras.items()}
+            columns["rest"] = pa.array([pickle.dumps({"extras": dict(zip(extras, values))}, protocol=5) for values in zip(*extras.values())],
+                                       pa.large_binary())
+        return fresh_block(columns), row
+
     def __call__(self, table: pa.Table) -> pa.Table:
         if self.end_ordinal is not None:
             table = table.filter(pc.less(table.column(ORDINAL), self.end_ordinal))
+        contents = content_hashes(table, self.input_columns)
+        done, first, counts = committed_pairs(table, self.duplicates, self.committed)
+        bulk = self.passing(table)
+        made, made_rows = self.samples_in_bulk(table, bulk, done, first, counts, contents)
+        rest = np.flatnonzero(~bulk)
         out: list[Sample] = []
-        contents = content_hashes(table, self.input_columns).tolist()
-        for m, (todo, error_done), content in zip(manifest_rows(table), self.pending(table), contents):
-            if not todo and m[ORDINAL] not in self.duplicates:  # every sample committed: nothing to validate
-                continue
-            extras = {name: m.get(col) for col, name in self.extras.items()}
-            try:
-                item = self.check(m)
-            except RowError as e:
-                if error_done:
-                    continue
-                # the record stands for all the pairs the plan expected of this row
-                covers = 1 if m[ORDINAL] in self.duplicates else (samples_of(m.get("num_samples")) or 1)
-                prompt = m.get("prompt") if isinstance(m.get("prompt"), str) else None
-                key = -(self.duplicates.get(m[ORDINAL], 0) + 1)
-                failed = Sample(id=m.get("id") or "", sample_index=key, task=str(m.get("task") or "t2i"), prompt=prompt,
-                                extras=extras, covers=covers, ordinal=m[ORDINAL], content=content)
-                failed.fail("validate", e.kind, str(e), e.retryable)
-                out.append(failed)
-                continue
-            item.pop("num_samples")  # `todo` holds the samples still to make
-            for i in todo:
-                out.append(Sample(id=m["id"], sample_index=i, sample_seed=sample_seed(item["seed"], m["id"], i),
-                                  extras=dict(extras), ordinal=m[ORDINAL], content=content, **item))
-        return to_block(out)
+        out_rows: list[int] = []
+        others = table.take(pa.array(rest, pa.int64()))
+        for r, m, (todo, error_done) in zip(rest.tolist(), manifest_rows(others), self.pending(others)):
+            before = len(out)
+            self._expand_row(m, todo, error_done, int(contents[r]), out)
+            out_rows += [r] * (len(out) - before)
+        if not out:
+            return made
+        # in manifest order (each row's samples in order), as one block
+        order = np.argsort(np.concatenate([made_rows, np.array(out_rows, np.int64)]), kind="stable")
+        return pa.concat_tables([made, to_block(out)]).take(pa.array(order, pa.int64()))
+
+    def _expand_row(self, m: dict, todo: list[int], error_done: bool, content: int, out: list[Sample]) -> None:
+        """One row checked on its own: its samples still to make, or its error record."""
+        if not todo and m[ORDINAL] not in self.duplicates:  # every sample committed: nothing to validate
+            return
+        extras = {name: m.get(col) for col, name in self.extras.items()}
+        try:
+            item = self.check(m)
+        except RowError as e:
+            if error_done:
+                return
+            # the record stands for all the pairs the plan expected of this row
+            covers = 1 if m[ORDINAL] in self.duplicates else (samples_of(m.get("num_samples")) or 1)
+            prompt = m.get("prompt") if isinstance(m.get("prompt"), str) else None
+            key = -(self.duplicates.get(m[ORDINAL], 0) + 1)
+            failed = Sample(id=m.get("id") or "", sample_index=key, task=str(m.get("task") or "t2i"), prompt=prompt,
+                            extras=extras, covers=covers, ordinal=m[ORDINAL], content=content)
+            failed.fail("validate", e.kind, str(e), e.retryable)
+            out.append(failed)
+            return
+        item.pop("num_samples")  # `todo` holds the samples still to make
+        for i in todo:
+            out.append(Sample(id=m["id"], sample_index=i, sample_seed=sample_seed(item["seed"], m["id"], i),
+                              extras=dict(extras), ordinal=m[ORDINAL], content=content, **item))
 
 
 FIRST_ROWS = 1000  # rows the start-up check validates

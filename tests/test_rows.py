@@ -75,3 +75,22 @@ def test_the_collector_is_paused_over_a_batch_and_back_after():
             assert not gc.isenabled()
         assert not gc.isenabled()  # an inner pause leaves the outer one in place
     assert gc.isenabled()
+
+
+def test_embeddings_travel_as_float32_of_their_own_shape_through_slices():
+    rng = np.random.default_rng(0)
+    latent = rng.standard_normal((2, 3, 4))  # float64, N-D
+    made = [Sample(id=str(i), sample_index=0, task="t2i") for i in range(5)]
+    made[0].outputs.embeddings = {"e": np.arange(4, dtype=np.float16), "latent": latent}
+    made[2].outputs.embeddings = {"e": np.full(4, 2.5, np.float32)}
+    made[3].outputs.embeddings = {"scalar": np.float32(7.0)}  # 0-D
+    block = to_block(made)
+    assert block.column("rest").null_count == 5  # no embedding is pickled
+    for part, first in ((block, 0), (block.slice(2, 2), 2)):
+        back = from_block(concat_blocks([part]))
+        for got, sent in zip(back, made[first:]):
+            assert got.outputs.embeddings.keys() == sent.outputs.embeddings.keys()
+            for name, value in sent.outputs.embeddings.items():
+                assert got.outputs.embeddings[name].dtype == np.float32
+                np.testing.assert_array_equal(got.outputs.embeddings[name], np.asarray(value, np.float32))
+    np.testing.assert_array_equal(from_block(block)[0].outputs.embeddings["latent"].shape, (2, 3, 4))

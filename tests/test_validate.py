@@ -108,3 +108,86 @@ def test_invalid_utf8_in_a_text_column_fails_that_row_only():
 def test_extras_are_carried_under_their_output_names():
     out = expand([{"id": "a", "prompt": "p", "model": "forged", "shot": 3}], extras={"model": "extra_model", "shot": "shot"})
     assert out[0].extras == {"extra_model": "forged", "shot": 3}
+
+
+def _nasty_rows() -> list[dict]:
+    """Rows of every shape validation meets, valid and not, for the bulk and the row-by-row paths."""
+    rows = [
+        {"id": "plain", "prompt": "a cat"},
+        {"id": "cjk", "prompt": "猫"},  # no visible ASCII: left to `check`, valid all the same
+        {"id": "ideographic-space", "prompt": "\u3000"},  # Python's strip() removes it: empty
+        {"id": "unit-separator", "prompt": "\x1c\x1f"},  # whitespace to str.strip() only
+        {"id": "blank", "prompt": " \t\n"},
+        {"id": "", "prompt": "no id"},
+        {"id": None, "prompt": "null id"},
+        {"id": "dup", "prompt": "first"},
+        {"id": "dup", "prompt": "second"},
+        {"id": "many", "prompt": "three", "num_samples": 3, "seed": 5, "width": 32, "height": 16, "negative_prompt": "blur"},
+        {"id": "too-many", "prompt": "x", "num_samples": 65},
+        {"id": "no-samples", "prompt": "x", "num_samples": 0},
+        {"id": "big-seed", "prompt": "x", "seed": 2**63 - 1},
+        {"id": "neg-seed", "prompt": "x", "seed": -1},
+        {"id": "wide", "prompt": "x", "width": 8193},
+        {"id": "zero-height", "prompt": "x", "height": 0},
+        {"id": "long", "prompt": "y" * 51},
+        {"id": "long-cjk", "prompt": "猫" * 50},  # 50 characters, 150 bytes: allowed
+        {"id": "params", "prompt": "x", "params": '{"gain": 2}'},
+        {"id": "params-again", "prompt": "x", "params": '{"gain": 2}'},
+        {"id": "params-empty", "prompt": "x", "params": ""},
+        {"id": "params-bad-json", "prompt": "x", "params": "{oops"},
+        {"id": "params-bad-value", "prompt": "x", "params": '{"size": -3}'},
+        {"id": "params-list", "prompt": "x", "params": "[1]"},
+        {"id": "task-empty", "prompt": "x", "task": ""},
+        {"id": "task-unknown", "prompt": "x", "task": "paint"},
+        {"id": "edit", "prompt": "x", "task": "edit", "image": b"\x89PNG"},
+        {"id": "edit-no-image", "prompt": "x", "task": "edit"},
+        {"id": "partly-done", "prompt": "x", "num_samples": 3},
+        {"id": "all-done", "prompt": "x", "num_samples": 2},
+        {"id": "error-done", "prompt": " "},
+    ]
+    return [{"task": None, "seed": None, "width": None, "height": None, "num_samples": None, "params": None, "image": None,
+             "negative_prompt": None, "tag": f"t{i}", **r} for i, r in enumerate(rows)]
+
+
+def test_rows_validated_in_bulk_become_exactly_what_row_by_row_validation_makes():
+    rows = _nasty_rows()
+    table = pa.Table.from_pylist([{**r, ORDINAL: 100 + i} for i, r in enumerate(rows)])
+    dup = next(i for i, r in enumerate(rows) if r["prompt"] == "second")
+    done = [("partly-done", 1), ("all-done", 0), ("all-done", 1), ("error-done", -1)]
+    committed = KeySet(pair_hashes(pa.array([k for k, _ in done]), pa.array([i for _, i in done])))
+
+    def make(bulk: bool, end_ordinal=None) -> pa.Table:
+        fn = Expand(TOY, job_seed=7, sampler={"t2i": {"size": 8}}, max_prompt_chars=50, duplicates={100 + dup: 1},
+                    committed=committed, extras={"tag": "extra_tag"}, end_ordinal=end_ordinal)
+        if not bulk:  # the reference: every row through `check`
+            fn.passing = lambda t: np.zeros(t.num_rows, bool)
+        return fn(table)
+
+    for end in (None, 100 + 12):
+        fast, slow = make(True, end), make(False, end)
+        assert fast.equals(slow), end
+    out = from_block(make(True))
+    made = {s.key for s in out if s.failure is None}
+    assert ("plain", 0) in made and ("cjk", 0) in made and ("long-cjk", 0) in made and ("edit", 0) in made
+    assert ("partly-done", 0) in made and ("partly-done", 2) in made and ("partly-done", 1) not in made
+    assert not any(s.id in ("all-done", "error-done") for s in out)
+    kinds = {s.id: s.failure.kind for s in out if s.failure is not None}
+    assert kinds["ideographic-space"] == kinds["unit-separator"] == kinds["blank"] == "empty_prompt"
+    assert kinds["dup"] == "duplicate_id" and kinds["params-list"] == "bad_params" and kinds["edit-no-image"] == "missing_input"
+    assert [s.extras for s in out if s.id == "many"] == [{"extra_tag": "t9"}] * 3
+    # the bulk path did take most rows: only those it cannot decide went row by row
+    fn = Expand(TOY, job_seed=7, sampler={}, max_prompt_chars=50, duplicates={100 + dup: 1}, committed=committed, extras={})
+    passing = fn.passing(table)
+    assert passing[[0, 9, 12, 18, 24]].all() and not passing[[1, 2, 3, 5, 6, 8, 26]].any()
+
+
+def test_a_seed_or_count_of_another_type_is_validated_row_by_row_alike():
+    rows = [{"id": "f", "prompt": "x", "seed": 3.0, "num_samples": 2.0}, {"id": "g", "prompt": "x", "seed": 2.5, "num_samples": 1.0},
+            {"id": "h", "prompt": "x", "seed": None, "num_samples": None}]
+    table = pa.Table.from_pylist([{**r, ORDINAL: i} for i, r in enumerate(rows)])
+    fast = Expand(TOY, job_seed=7, sampler={}, max_prompt_chars=50, duplicates={}, committed=NOTHING, extras={})
+    slow = Expand(TOY, job_seed=7, sampler={}, max_prompt_chars=50, duplicates={}, committed=NOTHING, extras={})
+    slow.passing = lambda t: np.zeros(t.num_rows, bool)
+    assert fast(table).equals(slow(table))
+    assert [(s.key, s.failure and s.failure.kind) for s in from_block(fast(table))] == [
+        (("f", 0), None), (("f", 1), None), (("g", -1), "bad_seed"), (("h", 0), None)]
