@@ -3,9 +3,10 @@
 Everything that can fail for the whole job (spec, model layout, manifest, a changed
 output) fails in `prepare`, before Ray starts and before any model loads; nothing is
 written then. A run with nothing left to do ends there too. Otherwise one Ray Data
-streaming pipeline runs: the manifest is read in batches, each model stage is an
-actor pool that keeps its model resident, CPU work (validation, fetching, encoding)
-runs in plain tasks, and the driver commits shards by size or age (jobs/writer.py).
+streaming pipeline runs: the manifest is read and validated in batches in its read
+tasks, each model stage is an actor pool that keeps its model resident, the other CPU
+work (fetching, encoding) runs in plain tasks, and the driver commits shards by size or
+age (jobs/writer.py).
 """
 
 from __future__ import annotations
