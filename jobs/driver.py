@@ -28,7 +28,7 @@ from ray.data import ActorPoolStrategy, DataContext
 
 from jobs.nodes import check_cluster
 from jobs.progress import BoardReporter, BoardWatcher
-from jobs.ray_io import ManifestDatasource, OutputDatasink, RunRecord, Validation
+from jobs.ray_io import ManifestDatasource, OutputDatasink, RunRecord
 from jobs.resources import TASK_CPUS, Node, Pool, check_placement, cluster_nodes, local_nodes
 from jobs.writer import ShardWriter
 from pipeline.card import write_card
@@ -328,7 +328,7 @@ def build_dataset(job: Job, done, report: BoardReporter | None = None):
     spec = job.spec
     expand = ExpandConfig(family=spec.family, job_seed=spec.seed, sampler=spec.sampler, max_prompt_chars=spec.max_prompt_chars,
                           duplicates=job.plan.duplicates, committed=done, extras=job.extras, end_ordinal=job.end_ordinal)
-    ds = ray.data.read_datasource(ManifestDatasource(job.manifest, job.skip, Validation.put(expand)))
+    ds = ray.data.read_datasource(ManifestDatasource(job.manifest, job.skip, ray.put(expand)))
     if any(t.inputs for t in job.family.tasks.values()):
         i = spec.inputs
         policy = FetchPolicy.for_manifest(spec.manifest.path, allow_local=i.allow_local, allow_urls=i.allow_urls,

@@ -30,26 +30,6 @@ from pipeline.sink import ShardResult, SinkConfig, write_shard
 from pipeline.validate import ExpandConfig, expand_block
 
 READ_TASK_ROWS = 50_000
-_CONFIGS: dict[str, ExpandConfig] = {}  # a read worker's validation settings, fetched once per job
-
-
-@dataclass(frozen=True)
-class Validation:
-    """A job's validation settings, in the object store once (their key set can hold 10^7
-    keys), and the token a read worker recognises them by without fetching them again."""
-
-    token: str
-    config: ray.ObjectRef
-
-    @classmethod
-    def put(cls, config: ExpandConfig) -> Validation:
-        return cls(config.token, ray.put(config))
-
-    def get(self) -> ExpandConfig:
-        if self.token not in _CONFIGS:
-            _CONFIGS.clear()  # a worker serves one job at a time
-            _CONFIGS[self.token] = ray.get(self.config)
-        return _CONFIGS[self.token]
 
 
 class ManifestDatasource(Datasource):
@@ -58,9 +38,11 @@ class ManifestDatasource(Datasource):
     run in as many tasks at once as there are CPUs for them, and never in a stage's actor,
     as a map step after the read can end up (Ray fuses it into the next actor pool when
     their resources match). `skip`: file identity -> its row groups with nothing left to do
-    (not read). `validation`: None reads the raw rows (with their ordinals)."""
+    (not read). `validation`: the job's ExpandConfig in the object store (put there once: its
+    key set can hold 10^7 keys; each task fetches it, and the Expand it makes is kept per
+    worker and job), or None to read the raw rows (with their ordinals)."""
 
-    def __init__(self, manifest: Manifest, skip: dict[str, frozenset[int]] | None = None, validation: Validation | None = None):
+    def __init__(self, manifest: Manifest, skip: dict[str, frozenset[int]] | None = None, validation: ray.ObjectRef | None = None):
         super().__init__()
         self.manifest, self.skip, self.validation = manifest, skip or {}, validation
 
@@ -77,7 +59,7 @@ class ManifestDatasource(Datasource):
                 if validation is None:
                     yield from tables
                     return
-                config = validation.get()
+                config: ExpandConfig = ray.get(validation)
                 for table in tables:
                     yield expand_block(table, config=config)
 

@@ -157,13 +157,12 @@ def fresh_block(columns: dict[str, pa.Array]) -> pa.Table:
     runner's fields given, nothing failed, made or pickled yet."""
     n = len(columns["id"])
     empty = np.zeros(n + 1, np.int32)
-    blank = {
-        "failure_stage": pa.nulls(n, pa.string()),
+    blank = {  # (the other columns: nulls)
         "stage_seconds": pa.MapArray.from_arrays(empty, pa.array([], pa.string()), pa.array([], pa.float64())),
         "embeddings": pa.ListArray.from_arrays(empty, embeddings_array([]).values),
         "has_pixels": pa.array(np.zeros(n, bool)),
     }
-    return pa.table([columns[f.name].cast(f.type) if f.name in columns else blank.get(f.name, pa.nulls(n, f.type)).cast(f.type)
+    return pa.table([columns[f.name].cast(f.type) if f.name in columns else blank.get(f.name, pa.nulls(n, f.type))
                      for f in SCHEMA], schema=SCHEMA)
 
 

@@ -238,18 +238,19 @@ class Expand:
             self._parsed[key] = params
         return params
 
-    def pending(self, table: pa.Table) -> list[tuple[list[int], bool]]:
-        """Per row, the sample indices not committed yet, and whether its error record is committed."""
-        done, first, counts = committed_pairs(table, self.duplicates, self.committed)
-        if not len(done):
+    @staticmethod
+    def pending(done: np.ndarray, first: np.ndarray, counts: np.ndarray, rows: np.ndarray) -> list[tuple[list[int], bool]]:
+        """For each of `rows`: the sample indices not committed yet, and whether its error record
+        is committed (`done`, `first`, `counts`: committed_pairs of the table)."""
+        if not len(rows):
             return []
         last = first + counts - 1
-        error_done = done[last].tolist()
-        any_done = (np.add.reduceat(done.astype(np.int64), first) - done[last]).tolist()  # samples committed, per row
+        any_done = np.add.reduceat(done.astype(np.int64), first) - done[last]  # samples committed, per row
         out = []
-        for r, (lo, hi) in enumerate(zip(first.tolist(), last.tolist())):
-            todo = list(range(hi - lo)) if not any_done[r] else [int(i) for i in np.flatnonzero(~done[lo:hi])]
-            out.append((todo, error_done[r]))
+        for r in rows.tolist():
+            lo, hi = int(first[r]), int(last[r])
+            todo = list(range(hi - lo)) if not any_done[r] else np.flatnonzero(~done[lo:hi]).tolist()
+            out.append((todo, bool(done[hi])))
         return out
 
     def passing(self, table: pa.Table) -> np.ndarray:
@@ -383,7 +384,7 @@ class Expand:
         out: list[Sample] = []
         out_rows: list[int] = []
         others = table.take(pa.array(rest, pa.int64()))
-        for r, m, (todo, error_done) in zip(rest.tolist(), manifest_rows(others), self.pending(others)):
+        for r, m, (todo, error_done) in zip(rest.tolist(), manifest_rows(others), self.pending(done, first, counts, rest)):
             before = len(out)
             self._expand_row(m, todo, error_done, int(contents[r]), out)
             out_rows += [r] * (len(out) - before)
