@@ -115,14 +115,17 @@ def build_ours(variant: str, tiny: bool, device, dtype) -> tuple[Emu1Encoder | E
     return enc, dec
 
 
-def make_tokenizer(variant: str, n: int, ref_dir: Path | None) -> EmuTokenizer:
-    """genfleet's slow path (SentencePiece `tokenizer.model` of the reference, legacy spacing) with the
-    references' special ids; without a reference folder, one synthetic id per word."""
-    if ref_dir is not None:
-        import sentencepiece as spm
+def make_tokenizer(variant: str, n: int, ref_dir: Path | None, model: Path | None = None) -> EmuTokenizer:
+    """genfleet's slow path (a SentencePiece `tokenizer.model`: `model`, else the reference's; legacy
+    spacing) with the references' special ids; without either, one synthetic id per word."""
+    if model is None and ref_dir is not None:
         from emu_ref_adapter import tokenizer_model
 
-        sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model(ref_dir, variant)))
+        model = tokenizer_model(ref_dir, variant)
+    if model is not None:
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(model))
         return EmuTokenizer(sp.encode, SPECIAL, n, True, "slow")
     return EmuTokenizer(lambda s: [100 + zlib.crc32(w.encode()) % 31000 for w in s.split()], SPECIAL, n, True, "slow")
 
@@ -205,7 +208,7 @@ def bench_model(variant: str, args, device, dtype, ns, results: list[dict]) -> N
     n = enc.n_embeds
     ar_batches = args.ar_batch_sizes or ([2, 4] if args.tiny else [16, 64])
     t2i_batch = args.t2i_batch or (2 if args.tiny else {"emu2": 4, "emu1": 8}[variant])
-    tok = make_tokenizer(variant, n, args.reference)
+    tok = make_tokenizer(variant, n, args.reference, args.tokenizer_model)
     longest = max(len(tok.encode([t]).ids) for t in PROMPTS)
     enc.setup_caches(max(ar_batches + [t2i_batch]) + 1, longest + n - 1)  # sized once for every run below
     sync(device)
@@ -296,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reference", type=Path, default=None, help="folder with baaivision/Emu's Emu2/emu and Emu1/models")
     ap.add_argument("--ref-stubs", type=Path, default=Path("bench/emu_ref_stubs"), help="the reference's compatibility stubs")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes, float32, on CPU (smoke test)")
+    ap.add_argument("--tokenizer-model", type=Path, default=None,
+                    help="LLaMA's SentencePiece tokenizer.model for genfleet's prompts (default: the reference's, else one id per word)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--ar-batch-sizes", type=int, nargs="+", default=None, help="genfleet AR rows (default 16 64)")
     ap.add_argument("--ar-steps", nargs="+", choices=["eager", "graph", "compile"], default=None,

@@ -85,7 +85,8 @@ def _unused(p, seed: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def _emu2_config(p: Emu2Params) -> dict:
+def emu2_config(p: Emu2Params, dtype: str = "float32") -> dict:
+    """multimodal_encoder/config.json of the release (EmuForCausalLM form) for params p."""
     v, llm = p.eva, p.llm
     return {
         "architectures": ["EmuForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
@@ -95,7 +96,7 @@ def _emu2_config(p: Emu2Params) -> dict:
         "model_version": "base", "num_attention_heads": llm.n_heads, "num_hidden_layers": llm.n_layers,
         "num_key_value_heads": llm.n_kv_heads, "pad_token_id": llm.vocab_size - 272, "pretraining_tp": 1,
         "rms_norm_eps": llm.rms_eps, "rope_scaling": None, "rope_theta": llm.rope_theta, "tie_word_embeddings": False,
-        "torch_dtype": "float32", "transformers_version": "4.31.0", "use_cache": True,
+        "torch_dtype": dtype, "transformers_version": "4.31.0", "use_cache": True,
         "vision_config": {
             "drop_path_rate": 0, "eva_model_name": "eva-clip-E-14-plus", "head_width": v.head_dim,
             "image_size": v.image_size, "intermediate_size": v.mlp_dim, "layer_norm_eps": v.eps, "layers": v.layers,
@@ -124,7 +125,7 @@ def write_emu2_encoder(out: Path, seed: int) -> Emu2Params:
              "weight_map": {k: n for n, ts in shards.items() for k in sorted(ts)}}
     for name in ("model.safetensors.index.json", "model.safetensors.index.bf16.json"):
         (enc / name).write_text(json.dumps(index, indent=2))
-    (enc / "config.json").write_text(json.dumps(_emu2_config(p), indent=2))
+    (enc / "config.json").write_text(json.dumps(emu2_config(p), indent=2))
     (out / "model_index.json").write_text(json.dumps(EMU2_MODEL_INDEX, indent=2))
     return p
 

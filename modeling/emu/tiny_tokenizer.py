@@ -81,11 +81,13 @@ def _tokenizer_config(legacy: bool) -> dict:
     return cfg
 
 
-def write_emu2_tokenizer(out: Path) -> int:
+def write_emu2_tokenizer(out: Path, model: bytes | None = None) -> int:
     """tokenizer/ as released (tokenizer.model, tokenizer.json, tokenizer_config.json,
-    special_tokens_map.json, added_tokens.json); returns the full vocabulary size."""
+    special_tokens_map.json, added_tokens.json) around the SentencePiece `model` (default: one
+    trained on the built-in corpus; LLaMA's own 32,000-piece model gives the release's ids);
+    returns the full vocabulary size."""
     out.mkdir(parents=True, exist_ok=True)
-    model = train_sentencepiece()
+    model = model or train_sentencepiece()
     (out / "tokenizer.model").write_bytes(model)
     (out / "tokenizer.json").write_text(fast_tokenizer_json(model, EMU2_ADDED))
     import sentencepiece as spm
