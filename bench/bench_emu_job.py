@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         for f in ckpt.rglob("*.safetensors"):
             if not f.is_symlink():
                 drop_cache(f)
-        sets = [f"stages.{s}.batch_size={batch}" for s in GPU_STAGES] + [f"sampler.t2i.num_inference_steps={steps}"]
+        sets = [f"stages.{s}.batch_size={batch}" for s in ("prepare", *GPU_STAGES)] + [f"sampler.t2i.num_inference_steps={steps}"]
         if tiny:
             sets += ["sampler.t2i.default_size=[64,64]", "ray.num_cpus=4"]
         cmd = [sys.executable, "-m", "jobs.cli", "run", "configs/emu2-job.yaml", "--family", "bench.emu_timed:FAMILY",
