@@ -470,6 +470,7 @@ def _execute(job: Job, done: KeySet, new_run: bool, retry_errors: bool, started:
     try:
         with watcher:
             writer.run(ds)
+            watcher.passed(writer.received)
     except BaseException as e:
         # Ctrl-C is the user's choice, not a failure of the job: the same command resumes it
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped" if isinstance(e, JobStopped) else "failed"

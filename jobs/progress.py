@@ -67,6 +67,14 @@ class BoardWatcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="genfleet-progress")
         self._working = True
+        self._through = todo  # the samples the last stage will have counted at the end (see passed)
+
+    def passed(self, rows: int) -> None:
+        """The pipeline handed out `rows` samples, each of them through every stage: the final
+        counts wait for those, not for the plan's todo. (A row that fails validation is planned at
+        its num_samples but passes the stages as one error row: waiting for the plan's count would
+        hold every such run up FINAL_WAIT_SECONDS, for reports that never come.)"""
+        self._through = rows
 
     def _read(self) -> BoardSnapshot | None:
         if not self._working:
@@ -93,10 +101,10 @@ class BoardWatcher:
         self._stop.set()
         self._thread.join()
         snap = self._read()
-        # every pair is committed, so every report was sent; one from another process may still be
-        # on its way (reports and reads are not ordered): the final counts wait for it, briefly
+        # every sample handed out was reported by the stages it passed; a report from another process
+        # may still be on its way (reports and reads are not ordered): the final counts wait for it, briefly
         deadline = time.monotonic() + FINAL_WAIT_SECONDS
-        while kind is None and snap is not None and snap.stages and snap.last.done < self.todo and time.monotonic() < deadline:
+        while kind is None and snap is not None and snap.stages and snap.last.done < self._through and time.monotonic() < deadline:
             self._stop.wait(POLL_SECONDS / 10)
             snap = self._read()
         ray.kill(self.board)

@@ -49,6 +49,7 @@ class ShardWriter:
         self._lock = threading.Lock()
         self._refs: list = []  # blocks waiting for their shard
         self._rows = 0
+        self.received = 0  # rows the pipeline handed out this run (each through every stage)
         self._oldest: float | None = None
         self._in_flight: list = []
         self._stop: str | None = None
@@ -131,6 +132,7 @@ class ShardWriter:
                 for entry in bundle.blocks:
                     self._refs.append(entry.ref)
                     self._rows += entry.metadata.num_rows or 0
+                    self.received += entry.metadata.num_rows or 0
                     self._oldest = self._oldest or time.monotonic()
                 if self._rows >= self.rows_per_shard:
                     self._flush()
