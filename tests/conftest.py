@@ -279,8 +279,11 @@ def ray_cluster(s3_server):
     import ray
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    # ray.data.read_parquet (the readers' test) starts 32 footer-reading actors per read by default, a
+    # process each: seconds of start-up on a small machine for the few files a test output has
+    os.environ["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] = "2"
     ray.init(address="local", num_cpus=4, num_gpus=2, object_store_memory=400 * 1024**2, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}})
+             runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2"}})
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
