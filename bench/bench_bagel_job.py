@@ -102,6 +102,37 @@ def run(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> t
         return rc, f.read()
 
 
+def checkpoint(work: Path, tiny: bool, cmd: list[str], log: Path, timeout: float, env: dict, clear: tuple = ()) -> dict | None:
+    """WORKDIR/ckpt as `cmd` writes it (its last output line: a JSON of timings), or as kept by an
+    earlier call when WORKDIR/ckpt.json says it is complete and of the same kind; `clear`: other
+    folders the writer fills, emptied first. None when the writer fails."""
+    ckpt, done = work / "ckpt", work / "ckpt.json"
+    if done.is_file() and json.loads(done.read_text()).get("tiny") == tiny:
+        say(f"checkpoint: reusing {ckpt}")
+        return json.loads(done.read_text()) | {"reused": True}
+    say("checkpoint: building (random weights, released layout)")
+    for d in (ckpt, *clear):
+        shutil.rmtree(d, ignore_errors=True)
+    done.unlink(missing_ok=True)
+    rc, text = run(cmd, log, timeout, env)
+    if rc:
+        say(f"checkpoint: failed (rc {rc}):\n{text[-3000:]}")
+        return None
+    info = json.loads(text.strip().splitlines()[-1]) | {"tiny": tiny}
+    done.write_text(json.dumps(info))
+    say(f"checkpoint: {info}")
+    return info
+
+
+def run_job(cmd: list[str], log: Path, timeout: float, env: dict, events_path: Path) -> tuple[float, float, int, str, list[dict]]:
+    """The job command, its stages' timed events written to `events_path`: (launch, end, rc, output, events)."""
+    launch = time.time()
+    rc, text = run(cmd, log, timeout, dict(env, GENFLEET_BENCH_EVENTS=str(events_path)))
+    end = time.time()
+    events = [json.loads(x) for x in events_path.read_text().splitlines()] if events_path.is_file() else []
+    return launch, end, rc, text, events
+
+
 def prompts(n: int, seed: int) -> list[str]:
     import random
 
@@ -237,21 +268,12 @@ def main(argv: list[str] | None = None) -> int:
 
         results["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() and not tiny else "cpu"
         say(f"{results['device']}, torch {torch.__version__}; workdir {work} ({shutil.disk_usage(work).free / 2**30:.0f} GiB free)")
-        ckpt, done = work / "ckpt", work / "ckpt.json"
-        if done.is_file() and json.loads(done.read_text()).get("tiny") == tiny:
-            results["checkpoint"] = json.loads(done.read_text()) | {"reused": True}
-            say(f"checkpoint: reusing {ckpt}")
-        else:
-            say("checkpoint: building (random weights, released layout)")
-            shutil.rmtree(ckpt, ignore_errors=True)
-            done.unlink(missing_ok=True)
-            rc, text = run([sys.executable, "bench/bagel_checkpoint.py", str(ckpt), *(["--tiny"] if tiny else [])], log, left(), env)
-            if rc:
-                say(f"checkpoint: failed (rc {rc}):\n{text[-3000:]}")
-                return 1
-            results["checkpoint"] = json.loads(text.strip().splitlines()[-1]) | {"tiny": tiny}
-            done.write_text(json.dumps(results["checkpoint"]))
-            say(f"checkpoint: {results['checkpoint']}")
+        ckpt = work / "ckpt"
+        info = checkpoint(work, tiny, [sys.executable, "bench/bagel_checkpoint.py", str(ckpt), *(["--tiny"] if tiny else [])],
+                          log, left(), env)
+        if info is None:
+            return 1
+        results["checkpoint"] = info
         save()
         from bagel_checkpoint import drop_cache
 
@@ -278,10 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                "--model", str(ckpt), "--manifest", str(manifest), "--output", str(output),
                *(["--cpu"] if tiny else []), *[a for s in sets for a in ("--set", s)]]
         say(f"job: {' + '.join(f'{n} rows at {size}²' for size, n in zip(sizes, rows))}, batch {batch}, {steps} steps")
-        launch = time.time()
-        rc, text = run(cmd, log, left() - 5, dict(env, GENFLEET_BENCH_EVENTS=str(events_path)))
-        end = time.time()
-        events = [json.loads(x) for x in events_path.read_text().splitlines()] if events_path.is_file() else []
+        launch, end, rc, text, events = run_job(cmd, log, left() - 5, env, events_path)
         r = analyse(launch, end, events, output, read_samples(gpu_csv), sizes) | {"rc": rc, "rows": sum(rows)}
         for size, d in r.get("per_size", {}).items():
             if results["bench"].get(size):

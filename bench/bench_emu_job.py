@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_bagel_job import mean_util, read_samples, run, say  # noqa: E402  (bench/, beside this file)
+from bench_bagel_job import checkpoint, mean_util, read_samples, run, run_job, say  # noqa: E402  (bench/, beside this file)
 
 GPU_STAGES = ("lmm", "unet", "vae_decode")
 BENCH_LINE = re.compile(r"# emu2 t2i genfleet step=\S+ batch=(\d+): ([\d.]+) s -> ([\d,.]+) images/h")
@@ -153,25 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         results["storage"] = {"disk_free_gb": round(disk.free / 1e9, 1),
                               "spill": spill, "spill_free_gb": round(ram.free / 1e9, 1) if ram else None}
         say(f"{results['device']}, torch {torch.__version__}; workdir {work}: {results['storage']}")
-        ckpt, done = work / "ckpt", work / "ckpt.json"
-        if done.is_file() and json.loads(done.read_text()).get("tiny") == tiny:
-            results["checkpoint"] = json.loads(done.read_text()) | {"reused": True}
-            say(f"checkpoint: reusing {ckpt}")
-        else:
-            say("checkpoint: building (random weights, released layout)")
-            shutil.rmtree(ckpt, ignore_errors=True)
-            if spill:
-                shutil.rmtree(spill, ignore_errors=True)
-            done.unlink(missing_ok=True)
-            cmd = [sys.executable, "bench/emu_checkpoint.py", str(ckpt), *tok, *(["--spill", spill] if spill else []),
-                   *(["--tiny"] if tiny else [])]
-            rc, text = run(cmd, log, left(), env)
-            if rc:
-                say(f"checkpoint: failed (rc {rc}):\n{text[-3000:]}")
-                return 1
-            results["checkpoint"] = json.loads(text.strip().splitlines()[-1]) | {"tiny": tiny}
-            done.write_text(json.dumps(results["checkpoint"]))
-            say(f"checkpoint: {results['checkpoint']}")
+        ckpt = work / "ckpt"
+        cmd = [sys.executable, "bench/emu_checkpoint.py", str(ckpt), *tok, *(["--spill", spill] if spill else []),
+               *(["--tiny"] if tiny else [])]
+        info = checkpoint(work, tiny, cmd, log, left(), env, clear=(Path(spill),) if spill else ())
+        if info is None:
+            return 1
+        results["checkpoint"] = info
         save()
         from bagel_checkpoint import drop_cache
 
@@ -199,10 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                "--model", str(ckpt), "--manifest", str(manifest), "--output", str(output),
                *(["--cpu"] if tiny else []), *[a for s in sets for a in ("--set", s)]]
         say(f"job: {rows} rows, batch {batch}, {steps} steps")
-        launch = time.time()
-        rc, text = run(cmd, log, left() - 5, dict(env, GENFLEET_BENCH_EVENTS=str(events_path)))
-        end = time.time()
-        events = [json.loads(x) for x in events_path.read_text().splitlines()] if events_path.is_file() else []
+        launch, end, rc, text, events = run_job(cmd, log, left() - 5, env, events_path)
         r = analyse(launch, end, events, output, read_samples(gpu_csv), results["checkpoint"]) | {"rc": rc, "rows": rows}
         if results["bench"] and "after_first" in r:
             r["after_first"]["ratio"] = round(r["after_first"]["iph"] / results["bench"], 3)

@@ -147,11 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="where the weights are made (default: cuda, cpu with --tiny)")
     ap.add_argument("--tokenizer-model", type=Path, default=None, help="a SentencePiece tokenizer.model (default: a tiny trained one)")
     ap.add_argument("--spill", type=Path, default=None, help="a RAM folder for encoder shards that do not fit the disk")
-    ap.add_argument("--shard-gb", type=float, default=5.0)
+    ap.add_argument("--shard-gb", type=float, default=None, help="encoder shard size (default 5; tiny 0.01: several shards too)")
     ap.add_argument("--keep-free", type=float, default=2.0, help="GiB the disk keeps free")
     args = ap.parse_args(argv)
     device = args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
-    shard_gb = args.shard_gb if not args.tiny or args.shard_gb != 5.0 else 0.01  # tiny: several shards too
+    shard_gb = args.shard_gb or (0.01 if args.tiny else 5.0)
     print(json.dumps(write_checkpoint(args.dir, args.tiny, device, args.tokenizer_model, args.spill, shard_gb,
                                       args.keep_free)), flush=True)
     return 0
