@@ -4,10 +4,12 @@
     python bench/bench_scale.py --workdir /tmp/scale --sizes 10000 --big 0   # a smoke run
 
 For each size: a fresh `genfleet run` (wall, rows/s, driver peak RSS), the same command again
-with nothing left to do, and `genfleet status`. At the largest size also: the manifest cut into
-100 files, the plain Ray Data pipeline (read_parquet -> map_batches -> write_parquet, the same
-per-row work) in the same run, and a resume after SIGKILL at 50% (time from launch to the first
-new commit, and to the end). At --big rows: a completed output is made directly (commit records
+with nothing left to do, and `genfleet status`; the trivial stage keeps no model, so it runs in
+the job's tasks, fused with reading. At the largest size also: the manifest cut into 100 files,
+the stage in an actor pool as model stages run (1 and 2 replicas), the plain Ray Data pipeline
+(read_parquet -> map_batches -> write_parquet, the same per-row work) on both manifests in the
+same run, and a resume after SIGKILL at 50%, the stage in an actor (time from launch to the
+first new commit, and to the end). At --big rows: a completed output is made directly (commit records
 and their index, as a finished run leaves them) and the start-up of a re-run and of `status`
 are timed, first with the plan not cached (as after an upgrade), then cached. Every command is
 a fresh process, as a user runs it.
@@ -88,8 +90,9 @@ def genfleet(*args: str) -> list[str]:
     return [sys.executable, "-m", "jobs.cli", *args]
 
 
-def run_args(manifest: Path, output: Path) -> list[str]:
-    return genfleet("run", "--family", FAMILY, "--model", "scale", "--manifest", str(manifest), "--output", str(output),
+def run_args(manifest: Path, output: Path, model: str = "scale") -> list[str]:
+    """`model`: "scale", the stage in the job's tasks; "actor", in an actor pool, as model stages run."""
+    return genfleet("run", "--family", FAMILY, "--model", model, "--manifest", str(manifest), "--output", str(output),
                     "--set", f"outputs.rows_per_shard={ROWS_PER_SHARD}")
 
 
@@ -109,7 +112,7 @@ def plain_ray_data(manifest: Path, output: Path) -> None:
     """The baseline: what a user writes with Ray Data alone, the same per-row work."""
     import ray
 
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, logging_level="WARNING")
+    ray.init(include_dashboard=False, logging_level="WARNING")  # as a user starts it: a CPU per core
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     def emit(batch: pa.Table) -> pa.Table:
@@ -179,7 +182,7 @@ def resume_after_kill(work: Path, rows: int, table: list[dict]) -> None:
     manifest = work / f"m-{rows}-1"
     out = work / f"out-kill-{rows}"
     shutil.rmtree(out, ignore_errors=True)
-    w = Watch(run_args(manifest, out))
+    w = Watch(run_args(manifest, out, "actor"))  # as a model family resumes: its stage in an actor
     while committed_rows(out) < rows // 2:
         if w.proc.poll() is not None:
             raise SystemExit("the run ended before half its rows were committed")
@@ -188,7 +191,7 @@ def resume_after_kill(work: Path, rows: int, table: list[dict]) -> None:
     time.sleep(2)  # a write task of the killed run's Ray may still land its commit: count it as before
     before = committed_rows(out)
     launched = time.time()
-    w = Watch(run_args(manifest, out))
+    w = Watch(run_args(manifest, out, "actor"))
     while committed_rows(out) <= before and w.proc.poll() is None:
         time.sleep(0.05)
     first = time.time() - launched
@@ -226,11 +229,15 @@ def main() -> None:
         for rows in args.sizes:
             scale_run(work, rows, 1, table)
         scale_run(work, top, 100, table)
-        # the stage in two replicas, as the plain pipeline runs its function in parallel tasks
-        measure(table, f"{top:.0e} rows, 1 file(s): run, stage replicas 2", top,
-                run_args(work / f"m-{top}-1", work / f"out-{top}-r2") + ["--set", "stages.emit.replicas=2"])
-        measure(table, f"{top:.0e} rows: plain Ray Data read -> map_batches -> write", top,
-                [sys.executable, __file__, "--workdir", str(work), "--plain", str(work / f"m-{top}-1"), str(work / f"plain-{top}")])
+        # the stage in an actor pool, as a model family's stages run: one replica, then two
+        measure(table, f"{top:.0e} rows, 1 file(s): run, stage in 1 actor", top,
+                run_args(work / f"m-{top}-1", work / f"out-{top}-a1", "actor"))
+        measure(table, f"{top:.0e} rows, 1 file(s): run, stage in 2 actors", top,
+                run_args(work / f"m-{top}-1", work / f"out-{top}-a2", "actor") + ["--set", "stages.emit.replicas=2"])
+        for files in (1, 100):
+            measure(table, f"{top:.0e} rows, {files} file(s): plain Ray Data read -> map_batches -> write", top,
+                    [sys.executable, __file__, "--workdir", str(work), "--plain", str(work / f"m-{top}-{files}"),
+                     str(work / f"plain-{top}-{files}")])
     if "resume" in args.phases:
         make_manifest(work / f"m-{top}-1", top, 1)
         resume_after_kill(work, top, table)
@@ -249,13 +256,12 @@ def main() -> None:
         rate = f"{t['rows_per_s']:,.0f}" if t["rows_per_s"] else "–"
         peak = f"{t['peak_mb']:.0f}" if t["peak_mb"] else "–"
         print(f"| {t['run']} | {t['wall_s']:.1f} | {rate} | {peak} | {t['note']} |")
-    plain = next((t for t in table if "plain" in t["run"]), None)
-    ours = next((t for t in table if t["run"] == f"{top:.0e} rows, 1 file(s): run"), None)
-    if plain and ours:
-        print(f"\ngenfleet / plain Ray Data at {top:.0e} rows (same run): {ours['rows_per_s'] / plain['rows_per_s']:.2f}x")
-        two = next((t for t in table if t["run"].endswith("stage replicas 2")), None)
-        if two:
-            print(f"genfleet, stage replicas 2 / plain Ray Data: {two['rows_per_s'] / plain['rows_per_s']:.2f}x")
+    print(f"\ngenfleet / plain Ray Data on the same manifest at {top:.0e} rows (same run):")
+    for files in (1, 100):
+        tag = f"{top:.0e} rows, {files} file(s): "
+        plain = next((t for t in table if t["run"].startswith(tag + "plain")), None)
+        for ours in (t for t in table if t["run"].startswith(tag + "run") and plain):
+            print(f"  {ours['run']}: {ours['rows_per_s'] / plain['rows_per_s']:.2f}x")
     (work / "bench_scale.json").write_text(json.dumps(table, indent=1))
 
 

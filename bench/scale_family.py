@@ -29,7 +29,8 @@ class ScaleFamily:
     scores: dict[str, str] = {}
 
     def stages(self, model):
-        return [StageSpec("emit", build_emit, num_gpus=0, num_cpus=1, batch_size=1024)]
+        # model "actor": the stage in an actor pool, as model stages run; otherwise in the job's tasks
+        return [StageSpec("emit", build_emit, num_gpus=0, num_cpus=1, batch_size=1024, resident=model == "actor")]
 
     def check_model(self, model):
         pass

@@ -29,7 +29,7 @@ from ray.data import ActorPoolStrategy, DataContext
 from jobs.nodes import check_cluster
 from jobs.progress import BoardReporter, BoardWatcher
 from jobs.ray_io import ManifestDatasource, OutputDatasink, RunRecord
-from jobs.resources import TASK_CPUS, Node, Pool, check_placement, cluster_nodes, local_nodes
+from jobs.resources import TASK_CPUS, Node, Pool, check_placement, cluster_nodes, local_cpus, local_nodes
 from jobs.writer import ShardWriter
 from pipeline.card import write_card
 from pipeline.changes import Changes, changed_rows
@@ -54,7 +54,7 @@ from pipeline.scoring import STAGE as SCORE_STAGE
 from pipeline.scoring import ScoreStage, check_scores, score_columns, score_context
 from pipeline.sink import OUTPUT_COLUMNS, SinkConfig
 from pipeline.spec import JobSpec, SpecError, StageConfig
-from pipeline.stages import StageGroup
+from pipeline.stages import StageGroup, run_in_task
 from pipeline.storage import redact
 from pipeline.validate import ExpandConfig, check_first_rows, end_of_first_pending
 
@@ -63,21 +63,27 @@ log = logging.getLogger("genfleet")
 
 @dataclass(frozen=True)
 class GroupPlan:
-    """One actor pool: a stage and the stages co-located with it (name, context, keep_inputs)."""
+    """One actor pool: a stage and the stages co-located with it (name, context, keep_inputs);
+    or, `in_tasks`, stages that keep no model, run inside the job's CPU tasks (StageSpec.resident)."""
 
     stages: list[tuple[str, StageContext, bool]]
     cfg: StageConfig
     num_gpus: float
     num_cpus: float
     batch_size: int
+    in_tasks: bool = False
 
     @property
     def name(self) -> str:
         return self.stages[0][0]
 
     @property
+    def replicas(self) -> int | tuple[int, int]:
+        return 1 if self.cfg.replicas is None else self.cfg.replicas
+
+    @property
     def min_replicas(self) -> int:
-        return self.cfg.replicas if isinstance(self.cfg.replicas, int) else self.cfg.replicas[0]
+        return self.replicas if isinstance(self.replicas, int) else self.replicas[0]
 
 
 @dataclass(frozen=True)
@@ -161,8 +167,9 @@ def _record_local_ray() -> None:
     (LOCAL_RAY_RECORDS / f"{os.getpid()}.json").write_text(json.dumps({"driver": os.getpid(), "pgid": os.getpgid(0)}))
 
 
-def connect(spec: JobSpec, log_to_driver: bool = True) -> bool:
-    """Use the cluster named by the spec or RAY_ADDRESS; otherwise start a local one.
+def connect(spec: JobSpec, log_to_driver: bool = True, num_cpus: int | None = None) -> bool:
+    """Use the cluster named by the spec or RAY_ADDRESS; otherwise start a local one, of
+    `num_cpus` (resources.local_cpus) or the spec's.
     True when this call connected (and so the job should disconnect at its end).
     `log_to_driver=False` keeps Ray's workers' output off this terminal (a live bar)."""
     if ray.is_initialized():
@@ -174,7 +181,7 @@ def connect(spec: JobSpec, log_to_driver: bool = True) -> bool:
     reap_orphaned_ray()
     context = ray.init(
         address="local",  # a new local Ray: never attach to whatever other Ray runs on this machine
-        num_cpus=spec.ray.num_cpus or max(4, os.cpu_count() or 1),
+        num_cpus=num_cpus or local_cpus(spec, []),
         num_gpus=spec.ray.num_gpus,  # type: ignore[arg-type]  # Ray accepts fractions of declared GPUs
         include_dashboard=False,
         logging_level=logging.WARNING,
@@ -241,12 +248,14 @@ def plan_groups(spec: JobSpec, stages: list[StageSpec]) -> list[GroupPlan]:
                                 f"leave stages.{st.name}.device unset to run on its host's device")
             ctx = StageContext(spec.model, device, cfg.dtype or ("bfloat16" if device == "cuda" else "float32"), cfg.options)
             host.stages.append((st.name, ctx, keep))
+            if st.resident and host.in_tasks:  # a model joins: the group keeps it loaded in an actor
+                groups[-1] = dataclasses.replace(host, in_tasks=False)
             continue
         gpus = cfg.num_gpus if cfg.num_gpus is not None else st.num_gpus
         device = cfg.device or ("cuda" if gpus > 0 else "cpu")
         ctx = StageContext(spec.model, device, cfg.dtype or ("bfloat16" if device == "cuda" else "float32"), cfg.options)
         groups.append(GroupPlan([(st.name, ctx, keep)], cfg, gpus, cfg.num_cpus if cfg.num_cpus is not None else st.num_cpus,
-                                 cfg.batch_size or st.batch_size))
+                                 cfg.batch_size or st.batch_size, in_tasks=not st.resident and gpus == 0 and cfg.replicas is None))
     return groups
 
 
@@ -293,7 +302,7 @@ def _groups(job: Job) -> list[GroupPlan]:
 
 
 def _pools(job: Job) -> list[Pool]:
-    return [Pool(g.name, g.num_gpus, g.num_cpus, g.min_replicas) for g in _groups(job)]
+    return [Pool(g.name, g.num_gpus, g.num_cpus, g.min_replicas) for g in _groups(job) if not g.in_tasks]
 
 
 def _ray_address(spec: JobSpec) -> str | None:
@@ -305,7 +314,7 @@ def check_fits_before_start(job: Job) -> tuple[Node, str] | None:
     Returns that Ray's node and why it has its GPUs; None when the job joins a running Ray."""
     if ray.is_initialized() or _ray_address(job.spec):
         return None
-    nodes, why = local_nodes(job.spec)
+    nodes, why = local_nodes(job.spec, _pools(job))
     check_placement(_pools(job), nodes, f"the local Ray ({why})")
     return nodes[0], why
 
@@ -328,20 +337,29 @@ def build_dataset(job: Job, done, report: BoardReporter | None = None):
     spec = job.spec
     expand = ExpandConfig(family=spec.family, job_seed=spec.seed, sampler=spec.sampler, max_prompt_chars=spec.max_prompt_chars,
                           duplicates=job.plan.duplicates, committed=done, extras=job.extras, end_ordinal=job.end_ordinal)
-    ds = ray.data.read_datasource(ManifestDatasource(job.manifest, job.skip, ray.put(expand)))
+    source = ManifestDatasource(job.manifest, job.skip, ray.put(expand))
+    # as many blocks as read tasks: Ray Data would otherwise split each task's output, and a split
+    # read fuses with nothing (a first stage in tasks then runs apart from reading)
+    fused = bool(job.groups) and job.groups[0].in_tasks
+    ds = ray.data.read_datasource(source, override_num_blocks=len(source.get_read_tasks(1)) if fused else None)
     if any(t.inputs for t in job.family.tasks.values()):
         i = spec.inputs
         policy = FetchPolicy.for_manifest(spec.manifest.path, allow_local=i.allow_local, allow_urls=i.allow_urls,
                                           max_bytes=i.max_bytes, max_pixels=i.max_pixels)
         ds = ds.map_batches(fetch_block, fn_kwargs={"policy": policy}, batch_format="pyarrow", num_cpus=TASK_CPUS)
     for g in job.groups:
+        if g.in_tasks:
+            ds = ds.map_batches(run_in_task, fn_kwargs={"family": spec.family, "stages": g.stages, "batch_size": g.batch_size,
+                                                        "attempts": spec.errors.attempts, "report": report},
+                                batch_size=None, batch_format="pyarrow", num_cpus=TASK_CPUS)
+            continue
         ds = ds.map_batches(StageGroup, fn_constructor_kwargs={"family": spec.family, "stages": g.stages, "attempts": spec.errors.attempts,
                                                                "report": report},
-                            batch_size=g.batch_size, batch_format="pyarrow", compute=_pool(g.cfg.replicas),
+                            batch_size=g.batch_size, batch_format="pyarrow", compute=_pool(g.replicas),
                             num_gpus=g.num_gpus or None, num_cpus=g.num_cpus)
     if (sc := job.score) is not None:  # scores on the decoded pixels, before encoding (pipeline/scoring.py)
         ds = ds.map_batches(ScoreStage, fn_constructor_kwargs={"ctx": sc.stages[0][1], "attempts": spec.errors.attempts, "report": report},
-                            batch_size=sc.batch_size, batch_format="pyarrow", compute=_pool(sc.cfg.replicas),
+                            batch_size=sc.batch_size, batch_format="pyarrow", compute=_pool(sc.replicas),
                             num_gpus=sc.num_gpus or None, num_cpus=sc.num_cpus)
     return ds.map_batches(encode_block, fn_kwargs={"image_format": spec.output_options.image_format, "quality": spec.output_options.quality},
                           batch_format="pyarrow", num_cpus=TASK_CPUS)
@@ -383,9 +401,9 @@ def dry_run(spec: JobSpec, *, new_run: bool = False, retry_errors: bool = False)
         "committed_pairs": before.pairs,
         "pairs_to_run": 0 if _nothing_to_do(job, before, new_run, retry_errors) else max(job.plan.expected_pairs - before.pairs + redo, 0)
         + len(job.log.retry),
-        "stages": {" + ".join(n for n, _, _ in g.stages): f"{g.min_replicas if g.cfg.replicas == g.min_replicas else g.cfg.replicas} "
-                   f"replica(s) x {g.num_gpus:g} GPU / {g.num_cpus:g} CPU, batch {g.batch_size}, "
-                   f"{g.stages[0][1].device} {g.stages[0][1].dtype}" for g in _groups(job)},
+        "stages": {" + ".join(n for n, _, _ in g.stages): ("in the job's CPU tasks" if g.in_tasks else
+                                                           f"{g.replicas} replica(s) x {g.num_gpus:g} GPU / {g.num_cpus:g} CPU")
+                   + f", batch {g.batch_size}, {g.stages[0][1].device} {g.stages[0][1].dtype}" for g in _groups(job)},
         "resources": fits,
     }
 
@@ -432,7 +450,7 @@ def run_job(spec: JobSpec, *, new_run: bool = False, retry_errors: bool = False,
             # Ray's worker lines (and its own, printed from other threads and processes) would tear
             # a live bar apart; rich can move only this process's Python writes above it, so on a
             # terminal they go to Ray's log files only, and errors still reach genfleet as exceptions.
-            connected_here = connect(spec, log_to_driver=not progress.interactive)
+            connected_here = connect(spec, log_to_driver=not progress.interactive, num_cpus=local_cpus(spec, _pools(job)))
             return _execute(job, done, new_run, retry_errors, started, progress, heartbeat, entry)
         finally:
             progress.close()

@@ -47,6 +47,12 @@ class BoardReporter:
     def __init__(self, board):
         self.board = board
 
+    def __eq__(self, other) -> bool:  # the same board: the same job (stages in tasks keep their build per job)
+        return isinstance(other, BoardReporter) and self.board._actor_id == other.board._actor_id
+
+    def __hash__(self) -> int:
+        return hash(self.board._actor_id)
+
     def __call__(self, event: StageEvent) -> None:
         try:
             self.board.report.remote(event)

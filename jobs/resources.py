@@ -11,6 +11,7 @@ once still run (Ray Data starts a stage's actors when an earlier stage's are gon
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,9 +59,18 @@ def local_gpus() -> tuple[float, str]:
     return float(n), f"{n} CUDA device(s) visible" if n else "no CUDA device visible"
 
 
-def local_nodes(spec: JobSpec) -> tuple[list[Node], str]:
+def local_cpus(spec: JobSpec, pools: Sequence[Pool]) -> int:
+    """The CPUs a local start declares: this machine's cores for the job's tasks, plus what its
+    actor pools hold at their minimum (`ray.num_cpus` overrides). More would only let more tasks
+    run at once than there are cores: each a worker process to start, all slower for sharing."""
+    if spec.ray.num_cpus:
+        return spec.ray.num_cpus
+    return (os.cpu_count() or 1) + math.ceil(sum(p.num_cpus * p.min_replicas for p in pools))
+
+
+def local_nodes(spec: JobSpec, pools: Sequence[Pool]) -> tuple[list[Node], str]:
     """The one node a local start makes (jobs/driver.py connect), and a phrase saying why it has its GPUs."""
-    cpus = float(spec.ray.num_cpus or max(4, os.cpu_count() or 1))
+    cpus = float(local_cpus(spec, pools))
     if spec.ray.num_gpus is not None:
         gpus, why = float(spec.ray.num_gpus), "ray.num_gpus"
     else:

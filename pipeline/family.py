@@ -89,6 +89,11 @@ class StageSpec:
     num_cpus: float = 0.5
     batch_size: int = 1
     reads_inputs: bool = False  # reads Sample.inputs (they are dropped after the last such stage)
+    # False: a CPU stage with nothing worth keeping loaded (no model: a prompt rewrite, a filter): it
+    # runs inside the job's CPU tasks, fused with reading and validation by Ray Data, built once per
+    # worker process, in as many tasks at once as there are CPUs, with no actor and no hand-off of its
+    # own. A job that sets its `replicas` (or gives it GPUs) runs it in an actor pool as other stages
+    resident: bool = True
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ class _Strict(BaseModel):
 
 
 def _check_replicas(v):
+    if v is None:
+        return v
     lo, hi = (v, v) if isinstance(v, int) else v
     if lo < 1 or hi < lo:
         raise ValueError(f"replicas must be >= 1 and min <= max, got {v}")
@@ -38,7 +40,9 @@ def _check_gpus(v):
 class StageConfig(_Strict):
     """Placement of one family stage. Unset fields take the family's defaults."""
 
-    replicas: int | tuple[int, int] = 1  # a fixed pool size or (min, max) to autoscale
+    # a fixed pool size or (min, max) to autoscale; None: 1, or in the job's CPU tasks for a stage
+    # that keeps no model (StageSpec.resident)
+    replicas: int | tuple[int, int] | None = None
     num_gpus: float | None = None  # per replica; fractions share a GPU; None: the family's default
     num_cpus: float | None = Field(default=None, ge=0)  # None: the family's default (small: CPU work runs elsewhere)
     batch_size: int | None = Field(default=None, ge=1)

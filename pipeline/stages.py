@@ -11,6 +11,7 @@ backoff and then recorded as retryable, for a later run to try again.
 from __future__ import annotations
 
 import logging
+import pickle
 import time
 from collections.abc import Callable
 from functools import partial
@@ -109,9 +110,11 @@ class StageGroup:
     def __call__(self, block: pa.Table) -> pa.Table:
         return map_samples(block, self.run)
 
-    def run(self, samples: list[Sample]) -> None:
+    def run(self, samples: list[Sample], batch_size: int | None = None) -> None:
+        """`batch_size`: cut the samples into batches of that size for each stage (reported
+        once for all of them); None: they are one batch."""
         for runner in self.runners:
-            run_reported(runner, samples, self.report)
+            run_reported(runner, samples, self.report, batch_size)
 
 
 def loaded(stage: str, build: Callable[[], StageRunner], report: Report | None) -> StageRunner:
@@ -124,11 +127,32 @@ def loaded(stage: str, build: Callable[[], StageRunner], report: Report | None) 
     return runner
 
 
-def run_reported(runner: StageRunner, samples: list[Sample], report: Report | None) -> None:
-    """Run one stage over a batch, reporting its samples started and finished (every sample
-    of the batch: a failed one has passed this stage too)."""
+def run_reported(runner: StageRunner, samples: list[Sample], report: Report | None, batch_size: int | None = None) -> None:
+    """Run one stage over samples (in batches of `batch_size`, or as one), reporting them
+    started and finished (every sample: a failed one has passed this stage too)."""
     if report is not None:
         report(StageEvent(runner.name, "started", len(samples)))
-    runner.run(samples)
+    step = batch_size or max(len(samples), 1)
+    for i in range(0, len(samples), step):
+        runner.run(samples[i: i + step])
     if report is not None:
         report(StageEvent(runner.name, "finished", len(samples)))
+
+
+# the stage group this worker process built for stages run in tasks: (its arguments, the group)
+_in_task: tuple[tuple[bytes, Report | None], StageGroup] | None = None
+
+
+def run_in_task(block: pa.Table, *, family: str, stages: list[tuple[str, StageContext, bool]], batch_size: int,
+                attempts: int = 3, report: Report | None = None) -> pa.Table:
+    """The block function of stages that keep no model (StageSpec.resident False), run in plain
+    tasks: built once per worker process and job (a worker runs one job's tasks at a time, so
+    only the last group built is kept; `report` tells one job's from the next), then run over the
+    block's samples in batches of `batch_size`, reported once per block. The block is cut here,
+    not by Ray Data: a map step that asks Ray for batches is never fused with the read before it."""
+    global _in_task
+    key = (pickle.dumps((family, stages, attempts)), report)
+    if _in_task is None or _in_task[0] != key:
+        _in_task = (key, StageGroup(family, stages, attempts, report))
+    group = _in_task[1]
+    return map_samples(block, lambda samples: group.run(samples, batch_size))
