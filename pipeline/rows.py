@@ -53,6 +53,8 @@ REST = ("inputs", "extras", "state", "pixels", "scores")  # empty ones are left 
 
 def _rest(s: Sample) -> bytes | None:
     o = s.outputs
+    if not (s.inputs or s.extras or s.state is not None or o.pixels is not None or o.scores):
+        return None  # (most samples after the last stage: nothing to build)
     values = (("inputs", s.inputs), ("extras", s.extras), ("state", s.state), ("pixels", o.pixels), ("scores", o.scores))
     kept = {k: v for k, v in values if v is not None and not (type(v) is dict and not v)}
     return pickle.dumps(kept, protocol=5) if kept else None
