@@ -127,3 +127,19 @@ def test_a_local_ray_declares_the_cores_for_tasks_plus_what_the_actor_pools_hold
     assert local_cpus(spec, []) == os.cpu_count()
     spec, _ = _job(tmp_path, "d", "ray.num_cpus=3")
     assert local_cpus(spec, pools) == 3
+
+
+def test_a_stage_with_a_model_co_located_with_one_in_tasks_puts_both_in_an_actor(tmp_path):
+    from jobs.driver import plan_groups
+
+    def light(name: str, resident: bool) -> StageSpec:
+        return StageSpec(name, _build_tag, num_gpus=0, num_cpus=1, batch_size=BATCH, resident=resident)
+
+    spec, _ = _job(tmp_path, "e", "stages.model.colocate=true")
+    in_tasks = [g.in_tasks for g in plan_groups(spec, [light("tag", False), light("model", True)])]
+    assert in_tasks == [False]  # one group, its model kept loaded in an actor
+    in_tasks = [g.in_tasks for g in plan_groups(spec, [light("tag", False), light("light", False), light("model", True)])]
+    assert in_tasks == [True, False]  # (model joins light, the stage before it)
+    spec, _ = _job(tmp_path, "e", "stages.light.colocate=true")
+    groups = plan_groups(spec, [light("tag", False), light("light", False)])
+    assert [(g.in_tasks, [n for n, _, _ in g.stages]) for g in groups] == [(True, ["tag", "light"])]
