@@ -167,9 +167,9 @@ def _record_local_ray() -> None:
     (LOCAL_RAY_RECORDS / f"{os.getpid()}.json").write_text(json.dumps({"driver": os.getpid(), "pgid": os.getpgid(0)}))
 
 
-def connect(spec: JobSpec, log_to_driver: bool = True, num_cpus: int | None = None) -> bool:
-    """Use the cluster named by the spec or RAY_ADDRESS; otherwise start a local one, of
-    `num_cpus` (resources.local_cpus) or the spec's.
+def connect(spec: JobSpec, *, num_cpus: int, log_to_driver: bool = True) -> bool:
+    """Use the cluster named by the spec or RAY_ADDRESS; otherwise start a local one of
+    `num_cpus` (resources.local_cpus).
     True when this call connected (and so the job should disconnect at its end).
     `log_to_driver=False` keeps Ray's workers' output off this terminal (a live bar)."""
     if ray.is_initialized():
@@ -181,7 +181,7 @@ def connect(spec: JobSpec, log_to_driver: bool = True, num_cpus: int | None = No
     reap_orphaned_ray()
     context = ray.init(
         address="local",  # a new local Ray: never attach to whatever other Ray runs on this machine
-        num_cpus=num_cpus or local_cpus(spec, []),
+        num_cpus=num_cpus,
         num_gpus=spec.ray.num_gpus,  # type: ignore[arg-type]  # Ray accepts fractions of declared GPUs
         include_dashboard=False,
         logging_level=logging.WARNING,
@@ -314,8 +314,9 @@ def check_fits_before_start(job: Job) -> tuple[Node, str] | None:
     Returns that Ray's node and why it has its GPUs; None when the job joins a running Ray."""
     if ray.is_initialized() or _ray_address(job.spec):
         return None
-    nodes, why = local_nodes(job.spec, _pools(job))
-    check_placement(_pools(job), nodes, f"the local Ray ({why})")
+    pools = _pools(job)
+    nodes, why = local_nodes(job.spec, pools)
+    check_placement(pools, nodes, f"the local Ray ({why})")
     return nodes[0], why
 
 
@@ -450,7 +451,7 @@ def run_job(spec: JobSpec, *, new_run: bool = False, retry_errors: bool = False,
             # Ray's worker lines (and its own, printed from other threads and processes) would tear
             # a live bar apart; rich can move only this process's Python writes above it, so on a
             # terminal they go to Ray's log files only, and errors still reach genfleet as exceptions.
-            connected_here = connect(spec, log_to_driver=not progress.interactive, num_cpus=local_cpus(spec, _pools(job)))
+            connected_here = connect(spec, num_cpus=local_cpus(spec, _pools(job)), log_to_driver=not progress.interactive)
             return _execute(job, done, new_run, retry_errors, started, progress, heartbeat, entry)
         finally:
             progress.close()

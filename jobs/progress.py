@@ -48,10 +48,10 @@ class BoardReporter:
         self.board = board
 
     def __eq__(self, other) -> bool:  # the same board: the same job (stages in tasks keep their build per job)
-        return isinstance(other, BoardReporter) and self.board._actor_id == other.board._actor_id
+        return isinstance(other, BoardReporter) and self.board == other.board  # (actor handles compare by actor id)
 
     def __hash__(self) -> int:
-        return hash(self.board._actor_id)
+        return hash(self.board)
 
     def __call__(self, event: StageEvent) -> None:
         try:
